@@ -1,0 +1,185 @@
+"""Entrypoint of the MLflow tracking server (compose image and native launcher alike).
+
+Steps: wait for PostgreSQL, create the auth database if needed, ``mlflow db upgrade``, read the
+bucket-scoped S3 key the storage init job wrote, bootstrap the admin account, then exec gunicorn.
+
+Why not ``mlflow server --gunicorn-opts``: since MLflow 3.5 that switches to the Flask app and
+drops the FastAPI security middleware (Host-header and CORS checks). Here gunicorn stays the
+process manager but runs uvicorn workers that serve MLflow's FastAPI app with basic auth
+(``mlflow.server.auth:create_app`` returns the FastAPI app when ``_MLFLOW_SGI_NAME=uvicorn``), and
+the environment is prepared the way ``mlflow server`` prepares it for its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from mlstack import settings as s
+
+
+def log(message: str) -> None:
+    print(f"[mlflow-entrypoint] {message}", flush=True)
+
+
+def wait_for_database(env: dict[str, str], timeout: float = 120.0) -> None:
+    import psycopg2
+
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            psycopg2.connect(
+                host=s.DB_HOST.get(env), port=s.DB_PORT.get_int(env), user=s.POSTGRES_USER.get(env),
+                password=s.POSTGRES_PASSWORD.get(env), dbname=s.POSTGRES_DB.get(env), connect_timeout=3,
+            ).close()
+            return
+        except psycopg2.OperationalError as exc:
+            last_error = exc
+            time.sleep(1)
+    raise SystemExit(
+        f"PostgreSQL at {s.DB_HOST.get(env)}:{s.DB_PORT.get(env)} not reachable after {timeout:.0f}s: {last_error}"
+    )
+
+
+def ensure_database(env: dict[str, str], name: str) -> None:
+    """CREATE DATABASE is not idempotent in PostgreSQL, hence the lookup first."""
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host=s.DB_HOST.get(env), port=s.DB_PORT.get_int(env), user=s.POSTGRES_USER.get(env),
+        password=s.POSTGRES_PASSWORD.get(env), dbname=s.POSTGRES_DB.get(env),
+    )
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                log(f"creating database {name}")
+                cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+def upgrade_schema(uri: str) -> None:
+    """Bring the tracking schema to this MLflow version; a fresh database gets the full schema."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(uri)
+    try:
+        fresh = not inspect(engine).has_table("alembic_version")
+    finally:
+        engine.dispose()
+    if fresh:
+        # `mlflow db upgrade` expects an existing schema; creating the store builds it from scratch.
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        log("initialising the tracking schema")
+        SqlAlchemyStore(uri, "mlflow-artifacts:/")
+    else:
+        log("running mlflow db upgrade")
+        subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], check=True)
+
+
+def load_s3_credentials(env: dict[str, str]) -> dict[str, str]:
+    path = Path(s.S3_CREDENTIALS_FILE.get(env))
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the storage init job has not written the MLflow S3 key yet")
+    data = json.loads(path.read_text())
+    return {"AWS_ACCESS_KEY_ID": data["access_key"], "AWS_SECRET_ACCESS_KEY": data["secret_key"]}
+
+
+def write_auth_config(env: dict[str, str], runtime_dir: Path) -> Path:
+    """The auth app reads its database URI from an ini file; keep it private (it holds a password)."""
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    path = runtime_dir / "basic_auth.ini"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {s.backend_store_uri(env, s.MLFLOW_AUTH_DB.get(env))}\n"
+            f"admin_username = {s.MLFLOW_ADMIN_USER.get(env)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+    return path
+
+
+def server_environment(env: dict[str, str], auth_config: Path) -> dict[str, str]:
+    """What ``mlflow server`` would hand its workers, plus our choices (auth, no job runner)."""
+    from mlflow.server import constants as c
+
+    uri = s.backend_store_uri(env)
+    out = dict(env)
+    out.update(load_s3_credentials(env))
+    out.update(
+        {
+            c.BACKEND_STORE_URI_ENV_VAR: uri,
+            c.REGISTRY_STORE_URI_ENV_VAR: uri,
+            c.ARTIFACT_ROOT_ENV_VAR: "mlflow-artifacts:/",
+            c.SERVE_ARTIFACTS_ENV_VAR: "true",
+            c.ARTIFACTS_DESTINATION_ENV_VAR: f"s3://{s.S3_BUCKET.get(env)}/artifacts",
+            "MLFLOW_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL.get(env),
+            "_MLFLOW_SGI_NAME": "uvicorn",
+            "_MLFLOW_SERVER_BOOT_ID": uuid.uuid4().hex,
+            "_MLFLOW_IN_JOB_EXECUTOR": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            "MLFLOW_AUTH_ADMIN_USERNAME": s.MLFLOW_ADMIN_USER.get(env),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": s.MLFLOW_ADMIN_PASSWORD.get(env),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": s.MLFLOW_FLASK_SERVER_SECRET_KEY.get(env),
+            "MLFLOW_SERVER_ALLOWED_HOSTS": s.MLFLOW_ALLOWED_HOSTS.get(env),
+            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": s.MLFLOW_CORS_ALLOWED_ORIGINS.get(env),
+            # The job runner adds ~8 processes and ~1.8 GB for features this stack does not use.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+    )
+    return out
+
+
+def gunicorn_command(env: dict[str, str]) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--worker-class", "uvicorn.workers.UvicornWorker",
+        "--workers", s.MLFLOW_WORKERS.get(env),
+        "--bind", f"{s.MLFLOW_HOST.get(env)}:{s.MLFLOW_PORT.get(env)}",
+        # Large artifact uploads stream through the workers; don't kill a busy one mid-transfer.
+        "--timeout", "600",
+        "--graceful-timeout", "30",
+        "--access-logfile", "-",
+        "mlflow.server.auth:create_app()",
+    ]
+
+
+def bootstrap_admin(server_env: dict[str, str]) -> None:
+    """Create the auth schema and the admin account once, before workers race to do it."""
+    code = "from mlflow.server.auth import bootstrap_admin_user; bootstrap_admin_user()"
+    subprocess.run([sys.executable, "-c", code], env=server_env, check=True)
+
+
+def main() -> None:
+    env = dict(os.environ)
+    try:
+        for var in s.SECRET_VARS:
+            if var.name != "S3_ROOT_PASSWORD":  # the server never needs the store's root secret
+                var.get(env)
+        wait_for_database(env)
+        ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
+        upgrade_schema(s.backend_store_uri(env))
+        runtime_dir = Path(tempfile.mkdtemp(prefix="mlstack-"))  # 0700, private to this server
+        server_env = server_environment(env, write_auth_config(env, runtime_dir))
+        bootstrap_admin(server_env)
+    except s.SettingsError as exc:
+        raise SystemExit(f"mlflow server: {exc}") from None
+    cmd = gunicorn_command(env)
+    log("starting " + " ".join(cmd))
+    os.execve(sys.executable, cmd, server_env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Run the stack without Docker, from pip-installed PostgreSQL, SeaweedFS and MLflow."""

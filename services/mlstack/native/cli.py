@@ -1,0 +1,86 @@
+"""``mlstack up|down|status``: the native stack's command line (used by make stack/stack-down/stack-status)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlstack.native.stack import Stack, StackError
+
+
+def _stack(args: argparse.Namespace) -> Stack:
+    return Stack(Path(args.state_dir), Path(args.env_file) if args.env_file else None)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    started = time.monotonic()
+    env = stack.up()
+    uri = env["MLFLOW_PUBLIC_URL"]
+    print(f"Stack is up in {time.monotonic() - started:.1f}s (state in {stack.state_dir})")
+    print(f"  Tracking URI : {uri}")
+    print(f"  MLflow UI    : {uri}/  (log in as {env['MLFLOW_ADMIN_USER']} or {env['MLFLOW_TRAINER_USER']})")
+    secrets_file = stack.state_dir / "secrets.env"
+    where = f"{secrets_file}" if secrets_file.exists() else "your .env"
+    print(f"  Passwords    : {where}")
+    print(f"  Trainer env  : MLFLOW_TRACKING_URI={uri} MLFLOW_TRACKING_USERNAME={env['MLFLOW_TRAINER_USER']} "
+          "MLFLOW_TRACKING_PASSWORD=<MLFLOW_TRAINER_PASSWORD>")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = _stack(args).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    status = stack.status()
+    print(f"{'service':<10} {'state':<9} {'pid':<8} address")
+    for name, info in status.items():
+        state = "running" if info["running"] else "stopped"
+        print(f"{name:<10} {state:<9} {str(info['pid'] or '-'):<8} {info['address'] or '-'}")
+    uri = stack.tracking_uri()
+    if uri and status["mlflow"]["running"]:
+        print(f"Tracking URI: {uri}    UI: {uri}/")
+    return 0 if all(i["running"] for i in status.values()) else 3
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print the client variables for a trainer, for `eval $(mlstack env)` and the Makefile."""
+    stack = _stack(args)
+    env = stack.environment()
+    print(f"export MLFLOW_TRACKING_URI={env['MLFLOW_PUBLIC_URL']}")
+    print(f"export MLFLOW_TRACKING_USERNAME={env['MLFLOW_TRAINER_USER']}")
+    print(f"export MLFLOW_TRACKING_PASSWORD={env['MLFLOW_TRAINER_PASSWORD']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlstack", description="Run the MLflow tracking stack without Docker.")
+    parser.add_argument("--state-dir", default=os.environ.get("STACK_STATE_DIR", ".stack"),
+                        help="directory holding all state (default: $STACK_STATE_DIR or .stack)")
+    parser.add_argument("--env-file", default=".env" if Path(".env").exists() else None,
+                        help="file of NAME=value settings (default: .env when present)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in [
+        ("up", cmd_up, "start PostgreSQL, the S3 server and MLflow (no-op for what already runs)"),
+        ("down", cmd_down, "stop every process the stack started, children included"),
+        ("status", cmd_status, "show what runs where; exit 3 when something is down"),
+        ("env", cmd_env, "print MLFLOW_TRACKING_* exports for the trainer account"),
+    ]:
+        sub.add_parser(name, help=help_text).set_defaults(func=func)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (StackError, RuntimeError) as exc:
+        print(f"mlstack {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

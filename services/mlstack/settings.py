@@ -1,0 +1,103 @@
+"""The environment variables every stack entrypoint reads, in one place.
+
+Docker Compose and the native launcher both start the services through the entrypoints in this
+package and hand them the variables named here, so the two ways of running the stack cannot
+drift apart: a test compares the names compose passes with the names declared here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class SettingsError(RuntimeError):
+    """A required variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    help: str
+    default: str | None = None
+    secret: bool = False
+
+    def get(self, env: dict[str, str] | None = None) -> str:
+        source = os.environ if env is None else env
+        value = source.get(self.name, "")
+        if value == "":
+            if self.default is None:
+                raise SettingsError(f"environment variable {self.name} is not set ({self.help})")
+            return self.default
+        return value
+
+    def get_int(self, env: dict[str, str] | None = None) -> int:
+        raw = self.get(env)
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"environment variable {self.name}={raw!r} is not an integer") from None
+
+
+# PostgreSQL: the names the official postgres image reads, so compose passes them through as-is.
+POSTGRES_USER = Var("POSTGRES_USER", "database user owning the MLflow schema", "mlflow")
+POSTGRES_PASSWORD = Var("POSTGRES_PASSWORD", "password of POSTGRES_USER", secret=True)
+POSTGRES_DB = Var("POSTGRES_DB", "database holding runs, metrics and the model registry", "mlflow")
+MLFLOW_AUTH_DB = Var("MLFLOW_AUTH_DB", "database holding MLflow users and permissions", "mlflow_auth")
+DB_HOST = Var("DB_HOST", "host of the PostgreSQL server as the MLflow server sees it", "postgres")
+DB_PORT = Var("DB_PORT", "port of the PostgreSQL server", "5432")
+
+# S3 artifact store.
+S3_BACKEND = Var("S3_BACKEND", "which S3 server the init job configures: minio or seaweedfs", "minio")
+S3_ENDPOINT_URL = Var("S3_ENDPOINT_URL", "S3 endpoint as the MLflow server and init job see it", "http://s3:9000")
+S3_BUCKET = Var("S3_BUCKET", "bucket holding every artifact", "mlflow")
+S3_ROOT_USER = Var("S3_ROOT_USER", "root access key of the S3 server (store and init job only)", "stackroot")
+S3_ROOT_PASSWORD = Var("S3_ROOT_PASSWORD", "root secret key of the S3 server", secret=True)
+S3_CREDENTIALS_FILE = Var(
+    "S3_CREDENTIALS_FILE",
+    "file where the init job writes the bucket-scoped key the MLflow server uses",
+    "/run/stack-credentials/mlflow-s3.json",
+)
+
+# MLflow server.
+MLFLOW_HOST = Var("MLFLOW_HOST", "address the MLflow server listens on", "0.0.0.0")
+MLFLOW_PORT = Var("MLFLOW_PORT", "port the MLflow server listens on", "5000")
+MLFLOW_WORKERS = Var("MLFLOW_WORKERS", "gunicorn worker processes", "2")
+MLFLOW_ALLOWED_HOSTS = Var(
+    "MLFLOW_ALLOWED_HOSTS",
+    "Host headers the server answers (comma-separated, fnmatch patterns); others are refused",
+    "localhost,localhost:*,127.0.0.1,127.0.0.1:*,mlflow,mlflow:*",
+)
+MLFLOW_CORS_ALLOWED_ORIGINS = Var(
+    "MLFLOW_CORS_ALLOWED_ORIGINS", "browser origins allowed to call the API cross-origin", "http://localhost:5000"
+)
+MLFLOW_ADMIN_USER = Var("MLFLOW_ADMIN_USER", "MLflow admin account, created on first start", "admin")
+MLFLOW_ADMIN_PASSWORD = Var("MLFLOW_ADMIN_PASSWORD", "password of the MLflow admin account", secret=True)
+MLFLOW_FLASK_SERVER_SECRET_KEY = Var(
+    "MLFLOW_FLASK_SERVER_SECRET_KEY", "secret signing MLflow's CSRF tokens (same for every worker)", secret=True
+)
+MLFLOW_TRAINER_USER = Var("MLFLOW_TRAINER_USER", "non-admin account trainers log with", "trainer")
+MLFLOW_TRAINER_PASSWORD = Var("MLFLOW_TRAINER_PASSWORD", "password of the trainer account", secret=True)
+MLFLOW_PUBLIC_URL = Var(
+    "MLFLOW_PUBLIC_URL", "tracking URI teammates use (printed by the launchers)", "http://localhost:5000"
+)
+MLFLOW_INTERNAL_URL = Var(
+    "MLFLOW_INTERNAL_URL", "the server as other stack services reach it (defaults to MLFLOW_PUBLIC_URL)", ""
+)
+
+ALL_VARS: tuple[Var, ...] = tuple(v for v in globals().values() if isinstance(v, Var))
+SECRET_VARS: tuple[Var, ...] = tuple(v for v in ALL_VARS if v.secret)
+
+
+def backend_store_uri(env: dict[str, str] | None = None, database: str | None = None) -> str:
+    """SQLAlchemy URI of a stack database.
+
+    The driver is spelled out: SQLAlchemy 2.1 maps bare ``postgresql://`` to psycopg 3, and the
+    stack ships psycopg2.
+    """
+    from urllib.parse import quote
+
+    user = quote(POSTGRES_USER.get(env), safe="")
+    password = quote(POSTGRES_PASSWORD.get(env), safe="")
+    db = database or POSTGRES_DB.get(env)
+    return f"postgresql+psycopg2://{user}:{password}@{DB_HOST.get(env)}:{DB_PORT.get(env)}/{db}"
