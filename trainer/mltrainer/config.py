@@ -1,0 +1,621 @@
+"""Load and validate the training config (YAML) before any work starts.
+
+Every problem is a :class:`~mltrainer.errors.ConfigError` naming the dotted key at fault
+(``training.learnin_rate``, ``data.files.train``), with a did-you-mean for typos, so a bad
+config fails in a second instead of after the model has downloaded and trained.
+
+YAML dialect. PyYAML implements YAML 1.1, which has two traps for training configs, fixed here
+for both the file and ``--set`` overrides:
+
+* ``3e-5`` is read as the *string* "3e-5" (1.1 requires a dot in floats). Here it is a float.
+* ``no``/``yes``/``on``/``off`` are booleans, so ``eval_strategy: no`` would become ``False``.
+  Here only ``true``/``false`` (any case) are booleans, as in YAML 1.2.
+
+Duplicate keys in a mapping, which PyYAML silently resolves to the last one, are an error.
+
+Relative paths (``data.files.*``, a local ``model.name_or_path`` or ``model.tokenizer``) are
+looked up in the current working directory first, then in the config file's directory, and
+stored resolved (absolute), so the rest of the program never depends on the cwd again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError, did_you_mean, unknown_key_error
+from .naming import render_run_name, sanitize_component
+from .policy import CheckpointPolicy
+
+TASKS = ("sequence-classification", "causal-lm")
+DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+RUN_NAME_FIELDS = ("model", "task", "experiment", "timestamp", "config_hash")
+DEFAULT_RUN_NAME = "{model}-{task}"
+# TrainingArguments fields mltrainer sets itself; a user value would be silently overridden.
+OWNED_TRAINING_KEYS = {
+    "output_dir": "set by mltrainer from output_root and the run name; use output_root",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
+_REQUIRED = object()
+
+
+# --------------------------------------------------------------------------------------------
+# YAML loading
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2-style floats and booleans, and duplicate keys refused."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults" may legitimately repeat keys it merges in
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base constructor reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, *, source: str = "<string>") -> Any:
+    """Parse YAML in the config dialect; errors name ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(None, f"{where}: invalid YAML: {problem}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Config dataclasses
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    run_name: str = DEFAULT_RUN_NAME
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str  # hub id, or a resolved absolute local path
+    task: str
+    num_labels: int | None = None
+    tokenizer: str | None = None
+    from_config: bool = False  # build an untrained model from the config only (tiny test models)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).is_absolute()
+
+
+@dataclass(frozen=True)
+class HubDataConfig:
+    name: str
+    config: str | None = None
+    split_train: str = "train"
+    split_eval: str | None = None
+
+
+@dataclass(frozen=True)
+class FilesDataConfig:
+    train: str
+    format: str
+    eval: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    hub: HubDataConfig | None = None
+    files: FilesDataConfig | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    @property
+    def has_eval(self) -> bool:
+        return (self.hub is not None and self.hub.split_eval is not None) or (
+            self.files is not None and self.files.eval is not None
+        )
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    queue_size: int = 2
+    max_retries: int = 5
+    backoff_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class RegisteredModelConfig:
+    name: str
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # normally unset: MLFLOW_TRACKING_URI from the environment
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    experiment: ExperimentConfig
+    model: ModelConfig
+    data: DataConfig
+    training: dict[str, Any] = field(default_factory=dict)
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    output_root: str = "outputs"
+    registered_model: RegisteredModelConfig | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``config_hash`` hashes and runs log)."""
+        return dataclasses.asdict(self)
+
+    def run_name(self, timestamp: datetime | None = None) -> str:
+        """Render ``experiment.run_name``. Fields: model (last part of name_or_path), task,
+        experiment, timestamp (UTC, ``YYYYmmdd-HHMMSS``) and config_hash."""
+        return render_run_name(self.experiment.run_name, **self._run_name_fields(timestamp))
+
+    def _run_name_fields(self, timestamp: datetime | None) -> dict[str, str]:
+        when = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        return {
+            "model": _model_short_name(self.model.name_or_path),
+            "task": self.model.task,
+            "experiment": self.experiment.name,
+            "timestamp": when.strftime("%Y%m%d-%H%M%S"),
+            "config_hash": config_hash(self),
+        }
+
+
+def _model_short_name(name_or_path: str) -> str:
+    last = name_or_path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return sanitize_component(last)
+    except ValueError:
+        return "model"
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """First 12 hex chars of the sha256 of the resolved config as canonical JSON.
+
+    Identical configs hash the same whatever their key order or file location; any change in
+    a resolved value (including a data path) changes it.
+    """
+    canonical = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Section:
+    """One mapping of the config: refuses unknown keys and reads typed values by name."""
+
+    def __init__(self, data: Any, key: str, allowed: Sequence[str]) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {_type_name(data)} {data!r}")
+        for name in data:
+            if name not in allowed:
+                raise unknown_key_error(self._join(key, str(name)), allowed)
+        self.data = data
+        self.key = key
+
+    @staticmethod
+    def _join(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    def key_of(self, name: str) -> str:
+        return self._join(self.key, name)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        return self.data.get(name, default)
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(self.key_of(name), "is required")
+            return default
+        return value
+
+    def get_str(self, name: str, default: Any = _REQUIRED, *, choices: Sequence[str] | None = None) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(self.key_of(name), f"expected a non-empty string, got {_type_name(value)} {value!r}")
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                self.key_of(name), f"must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+            )
+        return value
+
+    def get_int(self, name: str, default: Any = _REQUIRED, *, minimum: int | None = None) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key_of(name), f"expected an integer, got {_type_name(value)} {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}")
+        return value
+
+    def get_float(self, name: str, default: Any = _REQUIRED, *, minimum: float | None = None) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(self.key_of(name), f"expected a number, got {_type_name(value)} {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}")
+        return float(value)
+
+    def get_bool(self, name: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key_of(name), f"expected true or false, got {_type_name(value)} {value!r}")
+        return value
+
+    def get_mapping(self, name: str) -> dict[str, Any]:
+        value = self._get(name, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(self.key_of(name), f"expected a mapping, got {_type_name(value)} {value!r}")
+        for k in value:
+            if not isinstance(k, str):
+                raise ConfigError(self.key_of(name), f"keys must be strings, got {_type_name(k)} {k!r}")
+        return dict(value)
+
+
+def _candidates(raw: str, config_dir: Path | None) -> list[Path]:
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return [path]
+    found = [Path.cwd() / path]
+    if config_dir is not None and (config_dir / path).resolve() != found[0].resolve():
+        found.append(config_dir / path)
+    return found
+
+
+def _resolve_existing(raw: str, key: str, config_dir: Path | None, *, want_file: bool = False) -> str:
+    """Resolve a local path (cwd first, then the config's directory) or raise naming ``key``."""
+    candidates = _candidates(raw, config_dir)
+    for candidate in candidates:
+        if candidate.exists():
+            if want_file and not candidate.is_file():
+                raise ConfigError(key, f"{raw!r} is not a file ({candidate})")
+            return str(candidate.resolve())
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError(key, f"path {raw!r} does not exist (looked in: {looked})")
+
+
+def _model_location(raw: str, key: str, config_dir: Path | None) -> str:
+    """A local path (resolved) or a hub id (unchanged).
+
+    A value that starts with '.', '/' or '~' is meant as a path and must exist; any other
+    value is a path if it exists locally, else it must look like a hub id ("org/name").
+    """
+    if raw.startswith((".", "/", "~")):
+        return _resolve_existing(raw, key, config_dir)
+    if any(c.exists() for c in _candidates(raw, config_dir)):
+        return _resolve_existing(raw, key, config_dir)
+    if not _HUB_ID.match(raw):
+        raise ConfigError(key, f"{raw!r} is neither an existing local path nor a Hugging Face Hub id like 'org/name'")
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def training_argument_fields() -> frozenset[str]:
+    """Names ``transformers.TrainingArguments`` accepts (imported lazily: transformers is slow to import)."""
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def _experiment(data: Any) -> ExperimentConfig:
+    s = _Section(data, "experiment", ["name", "run_name", "tags"])
+    run_name = s.get_str("run_name", DEFAULT_RUN_NAME)
+    try:
+        render_run_name(run_name, **{f: "x" for f in RUN_NAME_FIELDS})
+    except ValueError as exc:
+        raise ConfigError(s.key_of("run_name"), str(exc)) from None
+    tags = {}
+    for k, v in s.get_mapping("tags").items():
+        if isinstance(v, (dict, list)) or v is None:
+            raise ConfigError(f"experiment.tags.{k}", f"tag values must be scalars, got {_type_name(v)} {v!r}")
+        tags[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return ExperimentConfig(name=s.get_str("name"), run_name=run_name, tags=tags)
+
+
+def _model(data: Any, config_dir: Path | None) -> ModelConfig:
+    s = _Section(data, "model", ["name_or_path", "task", "num_labels", "tokenizer", "from_config", "config_overrides"])
+    task = s.get_str("task", choices=TASKS)
+    num_labels = s.get_int("num_labels", None, minimum=1)
+    if num_labels is not None and task != "sequence-classification":
+        raise ConfigError(s.key_of("num_labels"), f"only applies to task sequence-classification (task is {task!r})")
+    tokenizer = s.get_str("tokenizer", None)
+    return ModelConfig(
+        name_or_path=_model_location(s.get_str("name_or_path"), s.key_of("name_or_path"), config_dir),
+        task=task,
+        num_labels=num_labels,
+        tokenizer=None if tokenizer is None else _model_location(tokenizer, s.key_of("tokenizer"), config_dir),
+        from_config=s.get_bool("from_config", False),
+        config_overrides=s.get_mapping("config_overrides"),
+    )
+
+
+def _data(data: Any, config_dir: Path | None) -> DataConfig:
+    s = _Section(
+        data,
+        "data",
+        ["hub", "files", "text_column", "label_column", "max_length", "max_train_samples", "max_eval_samples"],
+    )
+    if s.has("hub") == s.has("files"):
+        raise ConfigError("data", "set exactly one of data.hub (a Hub dataset) or data.files (local files)")
+    hub = files = None
+    if s.has("hub"):
+        h = _Section(s.raw("hub"), "data.hub", ["name", "config", "split_train", "split_eval"])
+        hub = HubDataConfig(
+            name=h.get_str("name"),
+            config=h.get_str("config", None),
+            split_train=h.get_str("split_train", "train"),
+            split_eval=h.get_str("split_eval", None),
+        )
+    else:
+        f = _Section(s.raw("files"), "data.files", ["train", "eval", "format"])
+        train = _resolve_existing(f.get_str("train"), "data.files.train", config_dir, want_file=True)
+        eval_ = f.get_str("eval", None)
+        if eval_ is not None:
+            eval_ = _resolve_existing(eval_, "data.files.eval", config_dir, want_file=True)
+        fmt = f.get_str("format", None, choices=sorted(set(DATA_FORMATS.values())))
+        if fmt is None:
+            fmt = _infer_format(train, "data.files.train")
+            if eval_ is not None and _infer_format(eval_, "data.files.eval") != fmt:
+                raise ConfigError("data.files.eval", f"has a different format than data.files.train ({fmt})")
+        files = FilesDataConfig(train=train, eval=eval_, format=fmt)
+    return DataConfig(
+        hub=hub,
+        files=files,
+        text_column=s.get_str("text_column", "text"),
+        label_column=s.get_str("label_column", "label"),
+        max_length=s.get_int("max_length", 128, minimum=1),
+        max_train_samples=s.get_int("max_train_samples", None, minimum=1),
+        max_eval_samples=s.get_int("max_eval_samples", None, minimum=1),
+    )
+
+
+def _infer_format(path: str, key: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in DATA_FORMATS:
+        raise ConfigError(
+            key,
+            f"cannot infer the format of {path!r} from its extension; use {', '.join(DATA_FORMATS)} "
+            "or set data.files.format (csv, json or parquet)",
+        )
+    return DATA_FORMATS[suffix]
+
+
+def _training(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("training", f"expected a mapping of TrainingArguments fields, got {_type_name(data)}")
+    known = training_argument_fields()
+    for name in data:
+        key = f"training.{name}"
+        if name in OWNED_TRAINING_KEYS:
+            raise ConfigError(key, OWNED_TRAINING_KEYS[name])
+        if name not in known:
+            raise ConfigError(key, f"unknown TrainingArguments field{did_you_mean(str(name), known)}")
+    return dict(data)
+
+
+def _upload(data: Any) -> UploadConfig:
+    s = _Section(data, "upload", ["queue_size", "max_retries", "backoff_seconds"])
+    return UploadConfig(
+        queue_size=s.get_int("queue_size", 2, minimum=1),
+        max_retries=s.get_int("max_retries", 5, minimum=0),
+        backoff_seconds=s.get_float("backoff_seconds", 1.0, minimum=0.0),
+    )
+
+
+def _registered_model(data: Any) -> RegisteredModelConfig | None:
+    if data is None:
+        return None
+    s = _Section(data, "registered_model", ["name", "alias"])
+    alias = s.get_str("alias", "champion")
+    if not _MLFLOW_ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
+        raise ConfigError(
+            s.key_of("alias"),
+            f"{alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; not 'latest' or 'v<number>')",
+        )
+    return RegisteredModelConfig(name=s.get_str("name"), alias=alias)
+
+
+def _tracking(data: Any) -> TrackingConfig:
+    s = _Section(data, "tracking", ["uri"])
+    uri = s.get_str("uri", None)
+    if uri is not None and urlsplit(uri).password is not None:
+        raise ConfigError(
+            s.key_of("uri"),
+            "must not contain a password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment",
+        )
+    return TrackingConfig(uri=uri)
+
+
+def _check_eval_available(cfg: TrainConfig) -> None:
+    """A policy ranking by an eval metric needs eval data and an eval schedule, or it never sees it."""
+    policy = cfg.checkpoints
+    if policy.monitor is None or not policy.monitor.startswith("eval"):
+        return
+    if not cfg.data.has_eval:
+        raise ConfigError(
+            "checkpoints.monitor",
+            f"{policy.monitor!r} needs evaluation data: set data.hub.split_eval or data.files.eval",
+        )
+    strategy = cfg.training.get("eval_strategy", "no")
+    if strategy in ("no", None, False):
+        raise ConfigError(
+            "checkpoints.monitor",
+            f"{policy.monitor!r} is only computed when training.eval_strategy is 'steps' or 'epoch'",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+TOP_LEVEL_KEYS = (
+    "experiment", "model", "data", "training", "checkpoints", "upload",
+    "output_root", "registered_model", "tracking",
+)  # fmt: skip
+
+
+def build_config(data: Any, *, config_dir: Path | None = None) -> TrainConfig:
+    """Validate an already-parsed config mapping (relative paths looked up in cwd, then ``config_dir``)."""
+    s = _Section(data, "", TOP_LEVEL_KEYS)
+    for required in ("experiment", "model", "data"):
+        if not s.has(required):
+            raise ConfigError(required, "section is required")
+    cfg = TrainConfig(
+        experiment=_experiment(s.raw("experiment")),
+        model=_model(s.raw("model"), config_dir),
+        data=_data(s.raw("data"), config_dir),
+        training=_training(s.raw("training")),
+        checkpoints=CheckpointPolicy.from_dict(s.raw("checkpoints"), key_prefix="checkpoints"),
+        upload=_upload(s.raw("upload")),
+        output_root=s.get_str("output_root", "outputs"),
+        registered_model=_registered_model(s.raw("registered_model")),
+        tracking=_tracking(s.raw("tracking")),
+    )
+    _check_eval_available(cfg)
+    return cfg
+
+
+def _parse_override_value(text: str) -> Any:
+    """A scalar or list in the config dialect; anything else stays the raw string.
+
+    Templates such as ``{epoch}-{step}`` are valid YAML *mappings*; nobody overriding a single
+    key means a mapping, so mappings (and text that is not valid YAML) are taken literally.
+    """
+    if not text.strip():
+        return None
+    try:
+        value = parse_yaml(text)
+    except ConfigError:
+        return text
+    return text if isinstance(value, dict) else value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a parsed config (in place; also returned).
+
+    Values are parsed as YAML in the config dialect, so ``3e-5`` is a float, ``true`` a bool,
+    ``null`` (or nothing) clears a value, ``[a, b]`` is a list and ``{step}-x`` stays a string.
+    Unknown keys are reported by the validation that follows, with their full dotted path.
+    """
+    for raw in overrides:
+        key, sep, value_text = raw.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not key or any(not p.strip() for p in parts):
+            raise ConfigError(
+                None, f"malformed override {raw!r}: expected dotted.key=value, e.g. training.learning_rate=3e-5"
+            )
+        value = _parse_override_value(value_text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    ".".join(parts[: i + 1]), f"override {raw!r} needs a mapping here, but the value is {child!r}"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read, override and validate the config at ``path``.
+
+    Raises:
+        ConfigError: for a missing or unreadable file, invalid YAML (with file and line), a
+            malformed override, or any invalid value (with its dotted key); ``source`` is set to
+            the config path.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(None, f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(None, f"cannot read config file {str(path)!r}: {exc}") from None
+    data = parse_yaml(text, source=str(path))
+    if data is None:
+        raise ConfigError(None, f"config file {str(path)!r} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            None, f"config file {str(path)!r} must hold a mapping at the top level, got {_type_name(data)}"
+        )
+    try:
+        apply_overrides(data, overrides)
+        return build_config(data, config_dir=path.resolve().parent)
+    except ConfigError as exc:
+        if exc.source is None and exc.key is not None:
+            exc.source = str(path)
+        raise
