@@ -1,0 +1,83 @@
+"""The Trainer callback: stepped metrics, and every checkpoint into the store under a unique name.
+
+It never renames or moves the Trainer's folders (that breaks rotation and resume); it takes a
+hard-linked snapshot and hands it to the background uploader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from mltrainer import tracking
+from mltrainer.naming import checkpoint_store_path
+from mltrainer.policy import CheckpointPolicy
+from mltrainer.uploader import CheckpointUploader, UploadJob
+
+logger = logging.getLogger(__name__)
+
+
+def snapshot(src: Path, dst: Path) -> Path:
+    """Hard-link every file of ``src`` into ``dst`` (copy when links are impossible).
+
+    The Trainer replaces checkpoint files by writing new ones, never by rewriting in place, so a
+    link keeps the bytes of this save alive for the upload even after rotation deletes ``src``.
+    """
+    for root, _dirs, files in os.walk(src):
+        target = dst / Path(root).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(Path(root) / name, target / name)
+            except OSError:
+                shutil.copy2(Path(root) / name, target / name)
+    return dst
+
+
+class StoreCheckpointsCallback(TrainerCallback):
+    def __init__(self, *, client, run_id: str, policy: CheckpointPolicy, uploader: CheckpointUploader | None,
+                 snapshot_root: Path, is_main: bool):
+        self.client = client
+        self.run_id = run_id
+        self.policy = policy
+        self.uploader = uploader
+        self.snapshot_root = snapshot_root
+        self.is_main = is_main
+        self._metrics_by_step: dict[int, dict[str, float]] = {}
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not self.is_main or not logs:
+            return
+        metrics = tracking.numeric_metrics(logs)
+        self._metrics_by_step.setdefault(state.global_step, {}).update(metrics)
+        tracking.log_metrics(self.client, self.run_id, metrics, state.global_step)
+
+    def metrics_at(self, step: int) -> dict[str, float]:
+        return dict(self._metrics_by_step.get(step, {}))
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.is_main or self.uploader is None:
+            return
+        step = state.global_step
+        metrics = self.metrics_at(step)
+        is_final = state.max_steps > 0 and step >= state.max_steps
+        if not self.uploader.retention.should_upload(self.policy, step, is_final, metrics):
+            return
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        if not local.is_dir():
+            logger.warning("no checkpoint folder at %s after a save; nothing to upload", local)
+            return
+        store_path = checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch, metrics=metrics)
+        snap = snapshot(local, self.snapshot_root / f"step-{step}")
+        waited = self.uploader.submit(UploadJob(snap, local, store_path, step, metrics))
+        if waited > 0:
+            tracking.log_metrics(self.client, self.run_id, {"upload_wait_seconds": waited}, step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.is_main and self.uploader is not None:
+            self.uploader.close(progress=True)

@@ -1,0 +1,106 @@
+"""Model, tokenizer and datasets for the supported tasks, from a hub id or a local path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mltrainer.config import TrainConfig
+
+TASKS = ("sequence-classification", "causal-lm")
+
+
+@dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any | None
+    data_collator: Any | None
+    num_labels: int | None
+
+
+def load_raw_datasets(cfg: TrainConfig):
+    from datasets import load_dataset
+
+    data = cfg.data
+    if data.files is not None:
+        files = {"train": data.files.train}
+        if data.files.eval:
+            files["eval"] = data.files.eval
+        raw = load_dataset(data.files.format, data_files=files)
+        train, evaluation = raw["train"], raw["eval"] if "eval" in raw else None
+    else:
+        hub = data.hub
+        train = load_dataset(hub.name, hub.config, split=hub.split_train)
+        evaluation = load_dataset(hub.name, hub.config, split=hub.split_eval) if hub.split_eval else None
+    if data.text_column not in train.column_names:
+        raise ValueError(f"data.text_column: column {data.text_column!r} not in the training data {train.column_names}")
+    if data.max_train_samples:
+        train = train.select(range(min(data.max_train_samples, len(train))))
+    if evaluation is not None and data.max_eval_samples:
+        evaluation = evaluation.select(range(min(data.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _label_mapping(cfg: TrainConfig, train, evaluation) -> dict[Any, int]:
+    column = cfg.data.label_column
+    if column not in train.column_names:
+        raise ValueError(f"data.label_column: column {column!r} not in the training data {train.column_names}")
+    values = set(train[column]) | (set(evaluation[column]) if evaluation is not None else set())
+    ordered = sorted(values, key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, int) for v in ordered) and ordered == list(range(len(ordered))):
+        return {v: v for v in ordered}
+    return {v: i for i, v in enumerate(ordered)}
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        DataCollatorWithPadding,
+    )
+
+    m = cfg.model
+    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path)
+    train, evaluation = load_raw_datasets(cfg)
+    text_col, max_len = cfg.data.text_column, cfg.data.max_length
+
+    if m.task == "sequence-classification":
+        mapping = _label_mapping(cfg, train, evaluation)
+        num_labels = m.num_labels or len(mapping)
+        if len(mapping) > num_labels:
+            raise ValueError(f"model.num_labels={num_labels} but the data has {len(mapping)} labels")
+        config = AutoConfig.from_pretrained(m.name_or_path, num_labels=num_labels, **m.config_overrides)
+        config.id2label = {i: str(v) for v, i in mapping.items()}
+        config.label2id = {str(v): i for v, i in mapping.items()}
+        model = (AutoModelForSequenceClassification.from_config(config) if m.from_config
+                 else AutoModelForSequenceClassification.from_pretrained(m.name_or_path, config=config))
+
+        def encode(batch):
+            out = tokenizer(batch[text_col], truncation=True, max_length=max_len)
+            out["labels"] = [mapping[v] for v in batch[cfg.data.label_column]]
+            return out
+
+        collator = DataCollatorWithPadding(tokenizer)
+    else:
+        num_labels = None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        config = AutoConfig.from_pretrained(m.name_or_path, **m.config_overrides)
+        model = (AutoModelForCausalLM.from_config(config) if m.from_config
+                 else AutoModelForCausalLM.from_pretrained(m.name_or_path, config=config))
+
+        def encode(batch):
+            return tokenizer(batch[text_col], truncation=True, max_length=max_len)
+
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    remove = train.column_names
+    train = train.map(encode, batched=True, remove_columns=remove)
+    if evaluation is not None:
+        evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names)
+    return Prepared(model, tokenizer, train, evaluation, collator, num_labels)

@@ -1,0 +1,177 @@
+"""The MLflow side of a training run: creating it, params, tags, versions, metrics, the final model.
+
+Everything here runs on rank 0 only. Params are flattened, redacted and cut to MLflow's limits
+with a visible marker; the full (redacted) config is logged as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from mltrainer.config import TrainConfig, config_hash
+from mltrainer.params import flatten, redact, redact_tree, truncate_values
+
+logger = logging.getLogger(__name__)
+
+TAG_LATEST = "checkpoint.latest"
+TAG_BEST = "checkpoint.best"
+TAG_CONFIG_HASH = "mltrainer.config_hash"
+TAG_MODEL = "mltrainer.model"
+TAG_TASK = "mltrainer.task"
+TAG_DATASET = "mltrainer.dataset"
+MAX_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def check_server(client: MlflowClient) -> None:
+    """Fail before any work when the server is unreachable or the credentials are wrong."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise TrackingError(f"MLFLOW_TRACKING_URI must be the stack's http(s) URI, got {uri!r}")
+    try:
+        client.search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as exc:
+        text = str(exc)
+        if "401" in text or "Unauthorized" in text or "credentials" in text.lower():
+            raise TrackingError(
+                f"the MLflow server at {uri} rejected the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD)"
+            ) from None
+        raise TrackingError(f"the MLflow server at {uri} is not usable: {text.splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        raise TrackingError(f"the MLflow server at {uri} is unreachable: {exc}") from None
+
+
+def dataset_name(cfg: TrainConfig) -> str:
+    if cfg.data.hub is not None:
+        return cfg.data.hub.name + (f"/{cfg.data.hub.config}" if cfg.data.hub.config else "")
+    return Path(cfg.data.files.train).name
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mlflow": mlflow.__version__,
+        "cuda": torch.version.cuda or "none",
+    }
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name(0)
+    return versions
+
+
+def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str) -> str:
+    experiment = client.get_experiment_by_name(cfg.experiment.name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment.name)
+    tags = {
+        TAG_MODEL: cfg.model.name_or_path,
+        TAG_TASK: cfg.model.task,
+        TAG_DATASET: dataset_name(cfg),
+        TAG_CONFIG_HASH: config_hash(cfg),
+        **{f"versions.{k}": v for k, v in library_versions().items()},
+        **cfg.experiment.tags,
+    }
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags=redact(tags))
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Log each group flattened under its prefix; returns the keys whose values were cut."""
+    flat: dict[str, str] = {}
+    for prefix, values in groups.items():
+        flat.update(flatten(values, prefix=prefix))
+    flat, cut = truncate_values(redact(flat))
+    params = [Param(k, v) for k, v in sorted(flat.items())]
+    for i in range(0, len(params), MAX_BATCH):
+        client.log_batch(run_id, params=params[i:i + MAX_BATCH])
+    if cut:
+        logger.warning("param values cut to MLflow's limit (full config in config/config.yaml): %s", ", ".join(cut))
+    return cut
+
+
+def log_config_artifact(client: MlflowClient, run_id: str, cfg: TrainConfig) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False))
+        client.log_artifact(run_id, str(path), "config")
+
+
+def numeric_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in logs.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Asynchronous: the training loop never waits on this HTTP call."""
+    if not metrics:
+        return
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()], synchronous=False)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def log_final_model(run_id: str, model, tokenizer, task: str, registered: Any | None) -> str:
+    """Log the trained model as an MLflow model; register it under an alias when configured."""
+    pipeline_task = "text-classification" if task == "sequence-classification" else "text-generation"
+    with mlflow.start_run(run_id=run_id, nested=False):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task=pipeline_task,
+            # Pinned explicitly: inferring them imports optional packages (torchvision) we don't ship.
+            pip_requirements=[f"{name}=={version}" for name, version in _model_requirements().items()],
+        )
+    if registered is not None:
+        client = MlflowClient()
+        version = mlflow.register_model(info.model_uri, registered.name)
+        client.set_registered_model_alias(registered.name, registered.alias, version.version)
+        logger.info("registered %s version %s as @%s", registered.name, version.version, registered.alias)
+    return info.model_uri
+
+
+def _model_requirements() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"mlflow": mlflow.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0]}
+
+
+def environment_summary() -> str:
+    return json.dumps({"host": platform.node(), "pid": os.getpid(), **library_versions()})

@@ -1,0 +1,141 @@
+"""One training run: config -> MLflow run -> Trainer with our callback -> final model.
+
+Order matters: everything that can be wrong with the input (config, TrainingArguments values,
+the tracking server, credentials) is checked before the MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mltrainer import tracking
+from mltrainer.config import TrainConfig
+from mltrainer.naming import run_dir_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    global_step: int
+    train_loss: float | None
+    model_uri: str | None
+
+
+def build_training_arguments(cfg: TrainConfig):
+    """Validate the pass-through values now; the real output directory is set once the run exists."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(cfg.training)
+    if kwargs.pop("report_to", None) not in (None, "none", []):
+        logger.warning("training.report_to ignored: tracking is done by mltrainer's own callback")
+    try:
+        return TrainingArguments(output_dir=str(Path(cfg.output_root) / ".pending"), report_to="none", **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"training: {exc}") from None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def share_run_id(run_id: str | None) -> str:
+    """All ranks train into one run: rank 0 created it, the others learn its id here."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return run_id
+    box = [run_id]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+    from transformers import Trainer
+
+    from mltrainer.callback import StoreCheckpointsCallback
+    from mltrainer.modeling import prepare
+    from mltrainer.uploader import CheckpointUploader
+
+    if cfg.tracking.uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri
+    args = build_training_arguments(cfg)
+    _ = args.device  # initialises torch.distributed under torchrun/accelerate
+    main = is_main_process()
+    client = MlflowClient()
+
+    run_id = None
+    if main:
+        tracking.check_server(client)
+    prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
+    if main:
+        run_id = tracking.create_run(client, cfg, cfg.run_name())
+    run_id = share_run_id(run_id)
+    run_name = cfg.run_name() if not main else client.get_run(run_id).info.run_name
+    run_dir = Path(cfg.output_root).resolve() / run_dir_name(run_name, run_id)
+    args.output_dir = str(run_dir)
+    logger.info("run %s trains in %s", run_id, run_dir)
+
+    uploader = None
+    try:
+        if main:
+            tracking.log_params(client, run_id, {
+                "config": cfg.to_dict(),
+                "model_config": prepared.model.config.to_dict(),
+                "args": args.to_dict(),
+            })
+            tracking.log_config_artifact(client, run_id, cfg)
+            repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+
+            def on_stored(manifest, retention):
+                tags = {tracking.TAG_LATEST: retention.latest() or ""}
+                if best := retention.best(cfg.checkpoints):
+                    tags[tracking.TAG_BEST] = best
+                tracking.set_tags(client, run_id, tags)
+
+            uploader = CheckpointUploader(
+                repo, cfg.checkpoints, queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
+                backoff_seconds=cfg.upload.backoff_seconds, on_stored=on_stored,
+            )
+        callback = StoreCheckpointsCallback(
+            client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
+            snapshot_root=run_dir / ".upload-snapshots", is_main=main,
+        )
+        trainer = Trainer(
+            model=prepared.model, args=args, train_dataset=prepared.train_dataset,
+            eval_dataset=prepared.eval_dataset, data_collator=prepared.data_collator,
+            processing_class=prepared.tokenizer, callbacks=[callback],
+        )
+        output = trainer.train()
+        model_uri = None
+        if main:
+            import mlflow
+
+            mlflow.flush_async_logging()
+            model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
+                                                 cfg.registered_model)
+            client.set_terminated(run_id, "FINISHED")
+        return TrainResult(run_id, run_dir, trainer.state.global_step, output.training_loss, model_uri)
+    except BaseException:
+        if main:
+            try:
+                import mlflow
+
+                mlflow.flush_async_logging()
+                client.set_terminated(run_id, "KILLED" if isinstance(_current_exc(), KeyboardInterrupt) else "FAILED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                logger.exception("could not mark run %s as failed", run_id)
+        raise
+
+
+def _current_exc() -> BaseException | None:
+    import sys
+
+    return sys.exc_info()[1]

@@ -1,0 +1,227 @@
+"""Background checkpoint uploads: one worker thread fed by a bounded queue.
+
+- The caller hands over a *snapshot* (hard links of the checkpoint folder), so the Trainer's
+  ``save_total_limit`` rotation cannot pull files from under an upload.
+- Hashing, uploading and retention deletes all happen on the worker; ``submit`` only blocks when
+  the queue is full, and then says for how long it waited. A checkpoint is never dropped.
+- A checkpoint is complete in the store only once its manifest is there; the manifest goes last.
+  Files byte-identical to one already stored in the run are not uploaded again: the manifest
+  points at the stored copy. The digest index is updated only after a successful upload, so a
+  failed upload is retried in full.
+- Transient failures retry with exponential backoff. A checkpoint that still fails is kept on
+  local disk and reported: the error is re-raised on the next ``submit`` and by ``close``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest
+from mltrainer.policy import CheckpointPolicy, RetentionState
+
+logger = logging.getLogger(__name__)
+
+
+class ArtifactStore(Protocol):
+    """What the uploader needs from a run's artifact store (an MLflow artifact repository)."""
+
+    def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None: ...
+
+    def delete_artifacts(self, artifact_path: str | None = None) -> None: ...
+
+
+class UploadError(RuntimeError):
+    """Checkpoints that could not be stored; they are still on local disk."""
+
+    def __init__(self, failures: list[tuple[str, Path, BaseException]]):
+        self.failures = failures
+        lines = [f"  - {path} (local copy: {local}): {type(exc).__name__}: {exc}" for path, local, exc in failures]
+        super().__init__(f"{len(failures)} checkpoint(s) were not stored:\n" + "\n".join(lines))
+
+
+@dataclass
+class UploadJob:
+    snapshot: Path  # hard-linked copy; deleted after a successful upload
+    local_checkpoint: Path  # the Trainer's folder, named in error messages
+    store_path: str
+    step: int
+    metrics: dict[str, Any]
+
+
+@dataclass
+class UploadStats:
+    uploaded_bytes: int = 0
+    deduplicated_bytes: int = 0
+    checkpoints: int = 0
+    waits: list[float] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class CheckpointUploader:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        policy: CheckpointPolicy,
+        *,
+        retention: RetentionState | None = None,
+        queue_size: int = 2,
+        max_retries: int = 5,
+        backoff_seconds: float = 1.0,
+        on_stored: Callable[[Manifest, RetentionState], None] | None = None,
+    ):
+        self.store = store
+        self.policy = policy
+        self.retention = retention or RetentionState()
+        self.max_retries = max_retries
+        self.backoff_seconds = backoff_seconds
+        self.on_stored = on_stored
+        self.stats = UploadStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._digests: dict[str, str] = {}  # sha256 -> store path of a stored object in this run
+        self._manifests: dict[str, Manifest] = {}  # store path of checkpoint -> its manifest
+        self._failures: list[tuple[str, Path, BaseException]] = []
+        self._reported = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    # -- caller side ---------------------------------------------------------------------------
+
+    def adopt(self, manifests: list[Manifest]) -> None:
+        """Know what a resumed run already stored, so dedup and retention span the resume."""
+        for manifest in manifests:
+            self._manifests[manifest.store_path] = manifest
+            self._digests.update(manifest.digest_index())
+
+    def submit(self, job: UploadJob) -> float:
+        """Queue a checkpoint; returns the seconds training waited for room in the queue."""
+        self.raise_errors()
+        started = time.monotonic()
+        try:
+            self._queue.put_nowait(job)
+            return 0.0
+        except queue.Full:
+            logger.warning("upload queue full (%d pending): training waits for %s", self._queue.qsize(), job.store_path)
+            self._queue.put(job)
+            waited = time.monotonic() - started
+            logger.warning("training waited %.2fs for the upload queue", waited)
+            self.stats.waits.append(waited)
+            return waited
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def raise_errors(self) -> None:
+        with self._lock:
+            new = self._failures[self._reported:]
+            self._reported = len(self._failures)
+        if new:
+            raise UploadError(new)
+
+    def close(self, progress: bool = True) -> None:
+        """Drain the queue (with a progress bar), stop the worker, raise every failure."""
+        total = self._queue.unfinished_tasks
+        bar = None
+        if progress and total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="Uploading checkpoints", unit="ckpt")
+        while self._queue.unfinished_tasks:
+            time.sleep(0.2)
+            if bar is not None:
+                bar.n = total - self._queue.unfinished_tasks
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        self._queue.put(_STOP)
+        self._thread.join()
+        with self._lock:
+            failures = list(self._failures)
+        if failures:
+            raise UploadError(failures)
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is _STOP:
+                    return
+                try:
+                    self._store_checkpoint(job)
+                    shutil.rmtree(job.snapshot, ignore_errors=True)
+                except BaseException as exc:  # noqa: BLE001 - reported to the training thread
+                    logger.error("checkpoint %s not stored: %s", job.store_path, exc)
+                    with self._lock:
+                        self._failures.append((job.store_path, job.local_checkpoint, exc))
+            finally:
+                self._queue.task_done()
+
+    def _retry(self, what: str, action: Callable[[], None]) -> None:
+        delay = self.backoff_seconds
+        for attempt in range(1, self.max_retries + 2):
+            try:
+                action()
+                return
+            except Exception as exc:  # noqa: BLE001 - network errors come in many types
+                if attempt > self.max_retries:
+                    raise
+                logger.warning("%s failed (attempt %d/%d): %s; retrying in %.1fs", what, attempt,
+                               self.max_retries + 1, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _store_checkpoint(self, job: UploadJob) -> None:
+        manifest = build_manifest(job.snapshot, step=job.step, metrics=job.metrics, store_path=job.store_path,
+                                  stored_digests=dict(self._digests))
+        for entry in manifest.files_to_upload():
+            local = job.snapshot / entry.path
+            parent = os.path.dirname(entry.stored_at)
+            self._retry(f"upload of {entry.stored_at}", lambda: self.store.log_artifact(str(local), parent))
+            self.stats.uploaded_bytes += entry.size
+        self.stats.deduplicated_bytes += manifest.total_bytes - sum(e.size for e in manifest.files_to_upload())
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest_file = Path(tmp) / MANIFEST_NAME
+            manifest_file.write_text(manifest.to_json())
+            self._retry(f"upload of {job.store_path}/{MANIFEST_NAME}",
+                        lambda: self.store.log_artifact(str(manifest_file), job.store_path))
+        self._manifests[job.store_path] = manifest
+        self._digests.update(manifest.digest_index())
+        self.retention.record_stored(job.store_path, job.step, job.metrics)
+        self.stats.checkpoints += 1
+        self._apply_retention()
+        if self.on_stored is not None:
+            self.on_stored(manifest, self.retention)
+
+    def _apply_retention(self) -> None:
+        for path in self.retention.evictions(self.policy):
+            self._delete_checkpoint(path)
+
+    def _delete_checkpoint(self, path: str) -> None:
+        """Manifest first, so the checkpoint stops counting as complete before any file goes.
+
+        Files that a kept checkpoint's manifest points at (dedup) stay where they are.
+        """
+        manifest = self._manifests.pop(path, None)
+        self._retry(f"delete of {path}/{MANIFEST_NAME}", lambda: self.store.delete_artifacts(f"{path}/{MANIFEST_NAME}"))
+        still_referenced = {e.stored_at for m in self._manifests.values() for e in m.files}
+        own_files = [e for e in manifest.files if e.stored_at.startswith(path + "/")] if manifest else []
+        for entry in own_files:
+            if entry.stored_at in still_referenced:
+                continue
+            self._retry(f"delete of {entry.stored_at}", lambda: self.store.delete_artifacts(entry.stored_at))
+            self._digests = {d: p for d, p in self._digests.items() if p != entry.stored_at}
+        self.retention.mark_deleted(path)
+        logger.info("retention: deleted checkpoint %s from the store", path)
