@@ -165,9 +165,8 @@ def bootstrap_admin(server_env: dict[str, str]) -> None:
 def main() -> None:
     env = dict(os.environ)
     try:
-        for var in s.SECRET_VARS:
-            if var.name != "S3_ROOT_PASSWORD":  # the server never needs the store's root secret
-                var.get(env)
+        for var in s.SERVICE_VARS["mlflow"]:
+            var.get(env)  # fail fast, naming the missing variable
         wait_for_database(env)
         ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
         upgrade_schema(s.backend_store_uri(env))

@@ -101,3 +101,35 @@ def backend_store_uri(env: dict[str, str] | None = None, database: str | None = 
     password = quote(POSTGRES_PASSWORD.get(env), safe="")
     db = database or POSTGRES_DB.get(env)
     return f"postgresql+psycopg2://{user}:{password}@{DB_HOST.get(env)}:{DB_PORT.get(env)}/{db}"
+
+
+# What each entrypoint reads. Compose hands each service exactly these names and so does the
+# native launcher (a test holds both to this table); the MLflow server never sees the S3 root key.
+SERVICE_VARS: dict[str, tuple[Var, ...]] = {
+    "mlflow": (
+        POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, MLFLOW_AUTH_DB, DB_HOST, DB_PORT,
+        S3_ENDPOINT_URL, S3_BUCKET, S3_CREDENTIALS_FILE,
+        MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_ALLOWED_HOSTS, MLFLOW_CORS_ALLOWED_ORIGINS,
+        MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY,
+    ),
+    "storage-init": (S3_BACKEND, S3_ENDPOINT_URL, S3_BUCKET, S3_ROOT_USER, S3_ROOT_PASSWORD, S3_CREDENTIALS_FILE),
+    "users-init": (
+        MLFLOW_PUBLIC_URL, MLFLOW_INTERNAL_URL, MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD,
+        MLFLOW_TRAINER_USER, MLFLOW_TRAINER_PASSWORD,
+    ),
+}
+
+# The module each service runs: `python -m <module>` in the compose image and natively.
+SERVICE_MODULES: dict[str, str] = {
+    "mlflow": "mlstack.mlflow_server",
+    "storage-init": "mlstack.storage_init",
+    "users-init": "mlstack.users_init",
+}
+
+
+def service_environment(service: str, values: dict[str, str], base: dict[str, str]) -> dict[str, str]:
+    """``base`` (PATH, HOME, ...) plus exactly the stack variables ``service`` reads."""
+    stack_names = {v.name for v in ALL_VARS}
+    env = {k: v for k, v in base.items() if k not in stack_names}
+    env.update({v.name: values[v.name] for v in SERVICE_VARS[service] if v.name in values})
+    return env

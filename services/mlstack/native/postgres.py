@@ -7,8 +7,10 @@ directory.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
+import stat
 import subprocess
 from pathlib import Path
 
@@ -44,6 +46,27 @@ def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
 
 
+def _ensure_reachable(path: Path, user: pwd.struct_passwd | None) -> None:
+    """Let the demoted account traverse the directories above its data directory.
+
+    A root-owned 0700 ancestor (``/root``, pytest's ``/tmp/pytest-of-root``) would lock it out of
+    its own data directory; adding only the search bit (no listing) to such an ancestor fixes that.
+    """
+    if user is None:
+        return
+    groups = {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
+    for parent in path.resolve().parents:
+        st = parent.stat()
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
 def initialised(data_dir: Path) -> bool:
     return (data_dir / "PG_VERSION").is_file()
 
@@ -55,6 +78,7 @@ def initdb(data_dir: Path, superuser: str, password: str) -> None:
     pwfile = data_dir.parent / ".pg-initpw"
     pwfile.write_text(password + "\n")
     try:
+        _ensure_reachable(data_dir, user)
         _chown_tree(data_dir, user)
         if user is not None:
             os.chown(pwfile, user.pw_uid, user.pw_gid)
@@ -72,6 +96,7 @@ def initdb(data_dir: Path, superuser: str, password: str) -> None:
 
 def start(data_dir: Path, port: int, log_path: Path) -> Handle:
     user = _os_user()
+    _ensure_reachable(data_dir, user)
     _chown_tree(data_dir, user)
     cmd = [str(BIN / "postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1",
            "-c", "unix_socket_directories=", "-c", "max_connections=100"]

@@ -139,9 +139,9 @@ class Stack:
         ports = self.state["ports"]
         self._start_postgres(env, ports["db"])
         self._start_s3(env, ports["s3"])
-        self._run_job("storage-init", "mlstack.storage_init", env)
+        self._run_job("storage-init", env)
         self._start_mlflow(env, ports["mlflow"])
-        self._run_job("users-init", "mlstack.users_init", env)
+        self._run_job("users-init", env)
         return env
 
     def _running(self, service: str) -> bool:
@@ -188,7 +188,7 @@ class Stack:
             return
         log = self.logs / "mlflow.log"
         self._ensure_port_free(port, "MLFLOW_PORT")
-        handle = spawn([sys.executable, "-m", "mlstack.mlflow_server"], env=env, log_path=log)
+        handle = spawn(self.command("mlflow"), env=s.service_environment("mlflow", env, env), log_path=log)
         self._record("mlflow", handle)
 
         def healthy() -> bool:
@@ -199,11 +199,15 @@ class Stack:
 
         wait_until(healthy, what="MLflow server", timeout=180, handle=handle, log_path=log)
 
-    def _run_job(self, name: str, module: str, env: dict[str, str]) -> None:
+    def command(self, service: str) -> list[str]:
+        return [sys.executable, "-m", s.SERVICE_MODULES[service]]
+
+    def _run_job(self, name: str, env: dict[str, str]) -> None:
         log = self.logs / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            result = subprocess.run([sys.executable, "-m", module], env=env, stdout=fh, stderr=subprocess.STDOUT)
+            result = subprocess.run(self.command(name), env=s.service_environment(name, env, env),
+                                    stdout=fh, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             raise StackError(f"{name} failed (exit {result.returncode}); see {log}:\n{tail(log)}")
 
