@@ -41,7 +41,7 @@ def snapshot(src: Path, dst: Path) -> Path:
 
 class StoreCheckpointsCallback(TrainerCallback):
     def __init__(self, *, client, run_id: str, policy: CheckpointPolicy, uploader: CheckpointUploader | None,
-                 snapshot_root: Path, is_main: bool):
+                 snapshot_root: Path, is_main: bool, already_logged: dict[str, int] | None = None):
         self.client = client
         self.run_id = run_id
         self.policy = policy
@@ -49,13 +49,18 @@ class StoreCheckpointsCallback(TrainerCallback):
         self.snapshot_root = snapshot_root
         self.is_main = is_main
         self._metrics_by_step: dict[int, dict[str, float]] = {}
+        # After a resume, steps between the checkpoint and the crash were logged already: log
+        # each (metric, step) once, so the history has no duplicates.
+        self._already_logged = already_logged or {}
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not self.is_main or not logs:
             return
+        step = state.global_step
         metrics = tracking.numeric_metrics(logs)
-        self._metrics_by_step.setdefault(state.global_step, {}).update(metrics)
-        tracking.log_metrics(self.client, self.run_id, metrics, state.global_step)
+        self._metrics_by_step.setdefault(step, {}).update(metrics)
+        fresh = {k: v for k, v in metrics.items() if step > self._already_logged.get(k, -1)}
+        tracking.log_metrics(self.client, self.run_id, fresh, step)
 
     def metrics_at(self, step: int) -> dict[str, float]:
         return dict(self._metrics_by_step.get(step, {}))

@@ -1,6 +1,7 @@
 """``mltrainer``: fine-tune from a YAML config, tracked by the stack; list a run's checkpoints.
 
     mltrainer --config configs/x.yaml [--set training.learning_rate=3e-5 ...]
+    mltrainer --config configs/x.yaml --resume RUN_ID|latest [--resume-checkpoint STEP|STORE_PATH]
     mltrainer checkpoints --run-id RUN_ID
 """
 
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXIT_CONFIG = 2
 EXIT_TRACKING = 3
 EXIT_UPLOAD = 4
+EXIT_RESUME = 5
 
 
 def _train(argv: list[str]) -> int:
@@ -20,7 +23,13 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. training.learning_rate=3e-5 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_ID|latest",
+                        help="continue this run (or the newest run of this config) from its last complete checkpoint")
+    parser.add_argument("--resume-checkpoint", metavar="STEP|STORE_PATH",
+                        help="with --resume: continue from this stored checkpoint instead of the newest")
     args = parser.parse_args(argv)
+    if args.resume_checkpoint and not args.resume:
+        parser.error("--resume-checkpoint needs --resume RUN_ID|latest")
 
     from mltrainer.config import load_config
     from mltrainer.errors import ConfigError
@@ -31,22 +40,26 @@ def _train(argv: list[str]) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from mltrainer.resume import ResumeError
     from mltrainer.tracking import TrackingError
     from mltrainer.train import train
     from mltrainer.uploader import UploadError
 
     try:
-        result = train(cfg)
+        result = train(cfg, resume=args.resume, resume_checkpoint=args.resume_checkpoint)
     except ValueError as exc:  # bad TrainingArguments values, dataset columns, labels
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except TrackingError as exc:
         print(f"tracking error: {exc}", file=sys.stderr)
         return EXIT_TRACKING
+    except ResumeError as exc:
+        print(f"resume error: {exc}", file=sys.stderr)
+        return EXIT_RESUME
     except UploadError as exc:
         print(f"upload error: {exc}", file=sys.stderr)
         return EXIT_UPLOAD
-    if result is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
         import mlflow
 
         from mltrainer.store import format_table, list_checkpoints
@@ -62,6 +75,12 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def describe_run_error(run_id: str, exc: Exception) -> str:
+    from mltrainer.resume import run_lookup_error
+
+    return run_lookup_error(run_id, exc)
+
+
 def _checkpoints(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mltrainer checkpoints", description="List a run's stored checkpoints.")
     parser.add_argument("--run-id", required=True)
@@ -75,7 +94,7 @@ def _checkpoints(argv: list[str]) -> int:
     try:
         rows = list_checkpoints(mlflow.tracking.MlflowClient(), args.run_id)
     except MlflowException as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {describe_run_error(args.run_id, exc)}", file=sys.stderr)
         return EXIT_TRACKING
     print(format_table(rows) if rows else f"run {args.run_id} has no stored checkpoints")
     return 0
@@ -83,6 +102,8 @@ def _checkpoints(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # MLflow's per-download bars are noise next to ours (manifests are tiny).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "httpx", "mlflow.tracking._tracking_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

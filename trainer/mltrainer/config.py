@@ -197,6 +197,15 @@ class TrainConfig:
         experiment, timestamp (UTC, ``YYYYmmdd-HHMMSS``) and config_hash."""
         return render_run_name(self.experiment.run_name, **self._run_name_fields(timestamp))
 
+    def run_name_pattern(self) -> str:
+        """The run name as an MLflow ``LIKE`` pattern: the timestamp may be anything.
+
+        ``--resume latest`` finds the newest run of this config with it.
+        """
+        fields = self._run_name_fields(None)
+        fields["timestamp"] = "%"
+        return render_run_name(self.experiment.run_name, **fields).replace("'", "''")
+
     def _run_name_fields(self, timestamp: datetime | None) -> dict[str, str]:
         when = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc)
         return {

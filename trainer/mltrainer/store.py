@@ -12,51 +12,67 @@ from mltrainer.naming import DEFAULT_ROOT
 
 
 @dataclass
+class ScannedCheckpoint:
+    store_path: str
+    manifest: Manifest | None  # None: not complete (no manifest, or an unreadable one)
+    problem: str | None = None
+
+
+def scan(client, run_id: str, root: str = DEFAULT_ROOT) -> list[ScannedCheckpoint]:
+    """Every checkpoint folder of the run with its manifest, when it has a readable one.
+
+    Folders with no objects left (some S3 servers keep empty "directories" after a delete) are
+    not checkpoints and are left out.
+    """
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in client.list_artifacts(run_id, root):
+            if not entry.is_dir:
+                continue
+            names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, entry.path)}
+            if not names:
+                continue
+            if MANIFEST_NAME not in names:
+                out.append(ScannedCheckpoint(entry.path, None, "no manifest: its upload never finished"))
+                continue
+            try:
+                local = client.download_artifacts(run_id, f"{entry.path}/{MANIFEST_NAME}", tmp)
+                out.append(ScannedCheckpoint(entry.path, Manifest.from_json(Path(local).read_bytes())))
+            except ValueError as exc:
+                out.append(ScannedCheckpoint(entry.path, None, f"unreadable manifest: {exc}"))
+    return out
+
+
+@dataclass
 class CheckpointInfo:
     store_path: str
-    complete: bool
+    state: str  # complete | incomplete | evicted
     step: int | None
     total_bytes: int | None
     metrics: dict
     aliases: list[str]
     problem: str | None = None
-    evicted: bool = False
 
 
 def list_checkpoints(client, run_id: str, root: str = DEFAULT_ROOT) -> list[CheckpointInfo]:
-    run = client.get_run(run_id)  # raises a clear MlflowException for an unknown id
-    tags = run.data.tags
+    tags = client.get_run(run_id).data.tags  # raises a clear MlflowException for an unknown id
     aliases = {tracking.TAG_LATEST: "latest", tracking.TAG_BEST: "best"}
-    out = []
-    manifests: list[Manifest] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in client.list_artifacts(run_id, root):
-            if not entry.is_dir:
-                continue
-            names = [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, entry.path)]
-            info = CheckpointInfo(entry.path, False, None, None, {}, [
-                alias for tag, alias in aliases.items() if tags.get(tag) == entry.path
-            ])
-            if MANIFEST_NAME in names:
-                try:
-                    local = client.download_artifacts(run_id, f"{entry.path}/{MANIFEST_NAME}", tmp)
-                    manifest = Manifest.from_json(Path(local).read_bytes())
-                    info.complete, info.step, info.total_bytes = True, manifest.step, manifest.total_bytes
-                    info.metrics = manifest.metrics
-                    manifests.append(manifest)
-                except ValueError as exc:
-                    info.problem = f"unreadable manifest: {exc}"
-            else:
-                info.problem = "no manifest (upload incomplete)"
-            out.append(info)
+    scanned = scan(client, run_id, root)
     # Retention deletes an evicted checkpoint's manifest and its own files, but files that kept
     # checkpoints point at (dedup) stay where they were first stored: such a folder is not a
     # checkpoint any more, only storage for the ones that reference it.
-    referenced = {e.stored_at.rsplit("/", 1)[0] for m in manifests for e in m.files}
-    for info in out:
-        if not info.complete and info.store_path in referenced:
-            info.problem = "evicted; holds files shared with kept checkpoints"
-            info.evicted = True
+    referenced = [e.stored_at for c in scanned if c.manifest for e in c.manifest.files]
+    out = []
+    for c in scanned:
+        names = [alias for tag, alias in aliases.items() if tags.get(tag) == c.store_path]
+        if c.manifest is not None:
+            m = c.manifest
+            out.append(CheckpointInfo(c.store_path, "complete", m.step, m.total_bytes, m.metrics, names))
+        elif any(p.startswith(c.store_path + "/") for p in referenced):
+            out.append(CheckpointInfo(c.store_path, "evicted", None, None, {}, names,
+                                      "holds files shared with kept checkpoints"))
+        else:
+            out.append(CheckpointInfo(c.store_path, "incomplete", None, None, {}, names, c.problem))
     return sorted(out, key=lambda c: (c.step is None, c.step or 0, c.store_path))
 
 
@@ -64,7 +80,7 @@ def format_table(rows: list[CheckpointInfo]) -> str:
     lines = [f"{'step':>8}  {'size':>10}  {'state':<10}  {'aliases':<12}  path"]
     for c in rows:
         size = f"{c.total_bytes / 1e6:.1f} MB" if c.total_bytes is not None else "-"
-        state = "complete" if c.complete else ("evicted" if c.evicted else "INCOMPLETE")
-        lines.append(f"{c.step if c.step is not None else '-':>8}  {size:>10}  {state:<10}  "
-                     f"{','.join(c.aliases) or '-':<12}  {c.store_path}" + (f"  ({c.problem})" if c.problem else ""))
+        step = c.step if c.step is not None else "-"
+        lines.append(f"{step:>8}  {size:>10}  {c.state:<10}  {','.join(c.aliases) or '-':<12}  {c.store_path}"
+                     + (f"  ({c.problem})" if c.problem else ""))
     return "\n".join(lines)

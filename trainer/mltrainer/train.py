@@ -44,24 +44,26 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def share_run_id(run_id: str | None) -> str:
-    """All ranks train into one run: rank 0 created it, the others learn its id here."""
+def share(value):
+    """All ranks train into one run: rank 0 decided ``value`` (run id, resume folder), the rest learn it."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return run_id
-    box = [run_id]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str | None = None) -> TrainResult:
+    """Train per ``cfg``; with ``resume`` (a run id or ``latest``), continue that run from the store."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
     from transformers import Trainer
 
     from mltrainer.callback import StoreCheckpointsCallback
     from mltrainer.modeling import prepare
+    from mltrainer.resume import prepare_resume
     from mltrainer.uploader import CheckpointUploader
 
     if cfg.tracking.uri:
@@ -71,27 +73,41 @@ def train(cfg: TrainConfig) -> TrainResult:
     main = is_main_process()
     client = MlflowClient()
 
-    run_id = None
+    point = None
     if main:
         tracking.check_server(client)
+        if resume is not None:
+            point = prepare_resume(client, cfg, resume, resume_checkpoint)
+    # Seed before the model is built: a model made from a config gets the same initial weights
+    # every time, so two runs of one config are comparable (and a resume matches a straight run).
+    from transformers import set_seed
+
+    set_seed(args.seed)
     prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
+    run_id = run_name = None
     if main:
-        run_id = tracking.create_run(client, cfg, cfg.run_name())
-    run_id = share_run_id(run_id)
-    run_name = cfg.run_name() if not main else client.get_run(run_id).info.run_name
+        if point is not None:
+            run_id, run_name = point.run_id, point.run_name
+        else:
+            run_name = cfg.run_name()
+            run_id = tracking.create_run(client, cfg, run_name)
+    run_id, run_name, resume_dir = share((run_id, run_name, str(point.local_dir) if point else None))
     run_dir = Path(cfg.output_root).resolve() / run_dir_name(run_name, run_id)
     args.output_dir = str(run_dir)
-    logger.info("run %s trains in %s", run_id, run_dir)
+    logger.info("run %s trains in %s%s", run_id, run_dir, f" (resuming from {resume_dir})" if resume_dir else "")
 
     uploader = None
     try:
         if main:
-            tracking.log_params(client, run_id, {
-                "config": cfg.to_dict(),
-                "model_config": prepared.model.config.to_dict(),
-                "args": args.to_dict(),
-            })
-            tracking.log_config_artifact(client, run_id, cfg)
+            if point is None:
+                tracking.log_params(client, run_id, {
+                    "config": cfg.to_dict(),
+                    "model_config": prepared.model.config.to_dict(),
+                    "args": args.to_dict(),
+                })
+                tracking.log_config_artifact(client, run_id, cfg)
+            else:
+                client.update_run(run_id, status="RUNNING")
             repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
 
             def on_stored(manifest, retention):
@@ -101,19 +117,23 @@ def train(cfg: TrainConfig) -> TrainResult:
                 tracking.set_tags(client, run_id, tags)
 
             uploader = CheckpointUploader(
-                repo, cfg.checkpoints, queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
+                repo, cfg.checkpoints, retention=point.retention if point else None,
+                queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
                 backoff_seconds=cfg.upload.backoff_seconds, on_stored=on_stored,
             )
+            if point is not None:
+                uploader.adopt(point.manifests)
         callback = StoreCheckpointsCallback(
             client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
             snapshot_root=run_dir / ".upload-snapshots", is_main=main,
+            already_logged=point.logged_steps if point else None,
         )
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset, data_collator=prepared.data_collator,
             processing_class=prepared.tokenizer, callbacks=[callback],
         )
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=resume_dir)
         model_uri = None
         if main:
             import mlflow

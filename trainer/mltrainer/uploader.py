@@ -139,9 +139,9 @@ class CheckpointUploader:
             bar = tqdm(total=total, desc="Uploading checkpoints", unit="ckpt")
         while self._queue.unfinished_tasks:
             time.sleep(0.2)
-            if bar is not None:
-                bar.n = total - self._queue.unfinished_tasks
-                bar.refresh()
+            done = total - self._queue.unfinished_tasks
+            if bar is not None and done > bar.n:
+                bar.update(done - bar.n)
         if bar is not None:
             bar.close()
         self._queue.put(_STOP)

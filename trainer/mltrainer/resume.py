@@ -1,0 +1,151 @@
+"""Resume a training from the store on a fresh machine, into the same MLflow run.
+
+Everything that can refuse a resume (unknown run, mismatched config, no usable checkpoint) is
+decided before anything in the store changes: only once a verified checkpoint is on local disk
+does the run go back to RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mltrainer import tracking
+from mltrainer.config import TrainConfig
+from mltrainer.manifest import Manifest, verify_file
+from mltrainer.naming import run_dir_name
+from mltrainer.policy import RetentionState
+from mltrainer.store import scan
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    """A resume that cannot proceed; the message says why. Nothing in the store was changed."""
+
+
+@dataclass
+class ResumePoint:
+    run_id: str
+    run_name: str
+    checkpoint: Manifest
+    local_dir: Path  # the downloaded, verified checkpoint folder
+    run_dir: Path
+    manifests: list[Manifest]  # every complete checkpoint of the run, for dedup and retention
+    retention: RetentionState
+    logged_steps: dict[str, int]  # metric key -> last step already in the run
+
+
+def run_lookup_error(run_id: str, exc: Exception) -> str:
+    """The server answers 403 for a run it cannot find under auth; say what that means."""
+    text = str(exc)
+    if "403" in text or "404" in text or "RESOURCE_DOES_NOT_EXIST" in text:
+        return f"run {run_id!r} not found (or not readable by this MLflow user)"
+    return f"run {run_id!r} could not be read: {text.splitlines()[0]}"
+
+
+def resolve_run(client, cfg: TrainConfig, ref: str):
+    """``ref`` is a run id, or ``latest``: the newest run of this config's experiment and run name."""
+    from mlflow.exceptions import MlflowException
+
+    if ref != "latest":
+        try:
+            return client.get_run(ref)
+        except MlflowException as exc:
+            raise ResumeError(run_lookup_error(ref, exc)) from None
+    experiment = client.get_experiment_by_name(cfg.experiment.name)
+    if experiment is None:
+        raise ResumeError(f"--resume latest: experiment {cfg.experiment.name!r} has no runs")
+    pattern = cfg.run_name_pattern()
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise ResumeError(f"--resume latest: no run named like {pattern!r} in experiment {cfg.experiment.name!r}")
+    return runs[0]
+
+
+def check_compatible(run, cfg: TrainConfig) -> None:
+    tags = run.data.tags
+    for tag, expected, key in [(tracking.TAG_MODEL, cfg.model.name_or_path, "model.name_or_path"),
+                               (tracking.TAG_TASK, cfg.model.task, "model.task")]:
+        logged = tags.get(tag)
+        if logged is None:
+            raise ResumeError(f"run {run.info.run_id} was not created by mltrainer (no {tag} tag)")
+        if logged != expected:
+            raise ResumeError(f"{key} is {expected!r} but run {run.info.run_id} trained {logged!r}")
+
+
+def download_checkpoint(repo, manifest: Manifest, dest: Path) -> str | None:
+    """Download and verify every file; returns the problem when one fails (``dest`` removed)."""
+    from tqdm.auto import tqdm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=manifest.total_bytes, unit="B", unit_scale=True, desc=f"Downloading {manifest.store_path}") as bar:
+        for entry in manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with tempfile.TemporaryDirectory(dir=dest) as tmp:
+                    got = Path(repo.download_artifacts(entry.stored_at, tmp))
+                    shutil.move(str(got), target)
+            except Exception as exc:  # noqa: BLE001 - any failure disqualifies this checkpoint
+                shutil.rmtree(dest, ignore_errors=True)
+                return f"{entry.stored_at} could not be downloaded: {exc}"
+            if not verify_file(entry, target):
+                shutil.rmtree(dest, ignore_errors=True)
+                return f"{entry.stored_at} does not match its manifest (size or sha256 differs)"
+            bar.update(entry.size)
+    return None
+
+
+def _pick(candidates: list[Manifest], which: str | None) -> list[Manifest]:
+    """Newest first; or just the one the user named, by step or store path."""
+    ordered = sorted(candidates, key=lambda m: m.step, reverse=True)
+    if which is None:
+        return ordered
+    for manifest in ordered:
+        if which in (manifest.store_path, str(manifest.step)):
+            return [manifest]
+    raise ResumeError(f"--resume-checkpoint {which!r}: no complete checkpoint with that step or store path "
+                      f"(complete: {', '.join(m.store_path for m in ordered) or 'none'})")
+
+
+def prepare_resume(client, cfg: TrainConfig, ref: str, which: str | None = None) -> ResumePoint:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = resolve_run(client, cfg, ref)
+    check_compatible(run, cfg)
+    run_id = run.info.run_id
+    found = scan(client, run_id)
+    for c in found:
+        if c.manifest is None:
+            logger.warning("skipping checkpoint %s: %s", c.store_path, c.problem)
+    complete = [c.manifest for c in found if c.manifest is not None]
+    if not complete:
+        raise ResumeError(f"run {run_id} has no complete checkpoint in the store")
+    repo = get_artifact_repository(run.info.artifact_uri)
+    run_dir = Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id)
+    for manifest in _pick(complete, which):
+        local = run_dir / f"checkpoint-{manifest.step}"
+        if local.exists():
+            shutil.rmtree(local)
+        problem = download_checkpoint(repo, manifest, local)
+        if problem is None:
+            break
+        logger.warning("skipping checkpoint %s: %s", manifest.store_path, problem)
+    else:
+        raise ResumeError(f"run {run_id}: no checkpoint could be downloaded and verified (see warnings above)")
+
+    retention = RetentionState(resumed_from=manifest.store_path)
+    for m in sorted(complete, key=lambda m: m.step):
+        retention.record_stored(m.store_path, m.step, m.metrics)
+    logged = {}
+    for key in run.data.metrics:
+        history = client.get_metric_history(run_id, key)
+        logged[key] = max((h.step for h in history), default=-1)
+    return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, complete, retention, logged)
