@@ -100,6 +100,140 @@ def _checkpoints(argv: list[str]) -> int:
     return 0
 
 
+def _sweep(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mltrainer sweep",
+        description="Hyperparameter sweep (Optuna or Ray Tune): one MLflow parent run, one nested run per trial. "
+                    "Re-running the same command continues an interrupted optuna sweep.")
+    parser.add_argument("--config", required=True, help="sweep YAML (base: <training config>, search: {...})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the base training config (repeatable)")
+    parser.add_argument("--max-trials", type=int, metavar="N",
+                        help="run at most N trials in this invocation; run the command again to continue")
+    parser.add_argument("--fresh", action="store_true",
+                        help="optuna: discard the stored study of this sweep and start a new parent run")
+    args = parser.parse_args(argv)
+    if args.max_trials is not None and args.max_trials < 0:
+        parser.error("--max-trials must be >= 0")
+
+    from mltrainer.errors import ConfigError
+    from mltrainer.sweep import format_trials, load_sweep, run_sweep
+    from mltrainer.tracking import TrackingError
+
+    try:
+        loaded = load_sweep(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        outcome = run_sweep(loaded, max_trials=args.max_trials, fresh=args.fresh)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrackingError as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return EXIT_TRACKING
+    spec = loaded.spec
+    print(f"\nSweep {spec.name} ({spec.backend}): parent run {outcome.parent_run_id}")
+    print(format_trials(spec, outcome.records, outcome.best))
+    done = sum(1 for r in outcome.records)
+    if not outcome.complete:
+        print(f"{done} of {spec.trials} trials done; run the same command again to continue")
+    if outcome.best is not None:
+        print(f"Best trial {outcome.best.number} (run {outcome.best.run_id}): {spec.metric}={outcome.best.value:.6g}")
+        return 0
+    if done == 0 and not outcome.complete:
+        return 0
+    print("no trial completed", file=sys.stderr)
+    return 1
+
+
+def _cv(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mltrainer cv",
+                                     description="k-fold cross-validation over data.files.train: one parent run, "
+                                                 "one nested run per fold, mean and std of each metric.")
+    parser.add_argument("--config", required=True, help="YAML training config (data.files only)")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--metric", dest="metrics", action="append", default=[],
+                        help="metric to aggregate (repeatable; default eval_loss)")
+    parser.add_argument("--seed", type=int, help="shuffle seed (default: training.seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
+    args = parser.parse_args(argv)
+
+    from mltrainer.cv import load_cv, run_cv
+    from mltrainer.errors import ConfigError
+    from mltrainer.tracking import TrackingError
+
+    try:
+        setup = load_cv(args.config, args.overrides, args.folds, args.metrics, args.seed)
+        outcome = run_cv(setup)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:  # bad TrainingArguments values, dataset columns, labels
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrackingError as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return EXIT_TRACKING
+    print(f"\nCross-validation ({setup.folds} folds): parent run {outcome.parent_run_id}")
+    for fold in outcome.folds:
+        values = "  ".join(f"{m}={fold.metrics[m]:.6g}" for m in setup.metrics)
+        print(f"  fold {fold.fold}: run {fold.run_id}  {values}")
+    for m in setup.metrics:
+        print(f"  {m}: mean {outcome.aggregates[m + '_mean']:.6g}  std {outcome.aggregates[m + '_std']:.6g}")
+    return 0
+
+
+def _best(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mltrainer best",
+                                     description="Rank an experiment's runs by a metric; optionally register the best.")
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--metric", required=True, help="e.g. eval_f1")
+    parser.add_argument("--mode", choices=("min", "max"), required=True)
+    parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.x = '1'\"")
+    parser.add_argument("--top", type=int, default=5, help="how many runs to show (default 5)")
+    parser.add_argument("--all-statuses", action="store_true", help="also consider unfinished and failed runs")
+    parser.add_argument("--register", metavar="MODEL_NAME", help="register the best run's model under this name")
+    parser.add_argument("--alias", default="champion", help="alias for the registered version (default champion)")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be >= 1")
+    import re
+
+    if not re.match(r"^[A-Za-z0-9_-]+$", args.alias) or args.alias.lower() == "latest" or re.match(r"^[vV]\d+$", args.alias):
+        parser.error(f"--alias {args.alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; "
+                     "not 'latest' or 'v<number>')")
+
+    import mlflow
+
+    from mltrainer.best import RegistryError, SelectionError, format_table, rank_runs, register_best
+    from mltrainer.tracking import TrackingError, check_server
+
+    client = mlflow.tracking.MlflowClient()
+    try:
+        check_server(client)
+        ranked = rank_runs(client, args.experiment, args.metric, args.mode, args.filter, args.top,
+                           args.all_statuses)
+        if not ranked.runs:
+            raise SelectionError(f"no run of experiment {args.experiment!r} has metric {args.metric!r}"
+                                 + (f" and matches filter {args.filter!r}" if args.filter else ""))
+        print(format_table(ranked))
+        best = ranked.runs[0]
+        print(f"\nBest: run {best.info.run_id} ({best.info.run_name}) {args.metric}={best.data.metrics[args.metric]:.6g}")
+        if args.register:
+            version, uri = register_best(client, best, args.register, args.alias)
+            print(f"Registered {uri} as {args.register} version {version} (@{args.alias})")
+    except SelectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (RegistryError, TrackingError) as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return EXIT_TRACKING
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # MLflow's per-download bars are noise next to ours (manifests are tiny).
@@ -109,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv and argv[0] == "checkpoints":
         return _checkpoints(argv[1:])
+    if argv and argv[0] in ("sweep", "cv", "best"):
+        return {"sweep": _sweep, "cv": _cv, "best": _best}[argv[0]](argv[1:])
     return _train(argv)
 
 

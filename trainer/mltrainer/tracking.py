@@ -33,10 +33,15 @@ TAG_MODEL = "mltrainer.model"
 TAG_TASK = "mltrainer.task"
 TAG_DATASET = "mltrainer.dataset"
 MAX_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+MLFLOW_MAX_TAG_VALUE = 8000
 
 
 class TrackingError(RuntimeError):
     pass
+
+
+_PREFLIGHT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def check_server(client: MlflowClient) -> None:
@@ -44,6 +49,10 @@ def check_server(client: MlflowClient) -> None:
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         raise TrackingError(f"MLFLOW_TRACKING_URI must be the stack's http(s) URI, got {uri!r}")
+    # Fail fast: with MLflow's default retries (7, exponential backoff) a server that is down takes
+    # over 4 minutes to be reported. Values the user set explicitly still win.
+    added = {k: v for k, v in _PREFLIGHT_HTTP.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         client.search_experiments(max_results=1)
     except mlflow.exceptions.MlflowException as exc:
@@ -52,9 +61,14 @@ def check_server(client: MlflowClient) -> None:
             raise TrackingError(
                 f"the MLflow server at {uri} rejected the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD)"
             ) from None
+        if "Max retries exceeded" in text or "Failed to establish a new connection" in text:
+            raise TrackingError(f"the MLflow server at {uri} is unreachable: {text.splitlines()[0]}") from None
         raise TrackingError(f"the MLflow server at {uri} is not usable: {text.splitlines()[0]}") from None
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
         raise TrackingError(f"the MLflow server at {uri} is unreachable: {exc}") from None
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def dataset_name(cfg: TrainConfig) -> str:
@@ -87,7 +101,8 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str) -> str:
+def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str, *, parent_run_id: str | None = None,
+               extra_tags: dict[str, str] | None = None) -> str:
     experiment = client.get_experiment_by_name(cfg.experiment.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment.name)
     tags = {
@@ -97,10 +112,18 @@ def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str) -> str:
         TAG_CONFIG_HASH: config_hash(cfg),
         **{f"versions.{k}": v for k, v in library_versions().items()},
         **cfg.experiment.tags,
+        **(extra_tags or {}),
     }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=run_name, tags=redact(tags))
+    # Tag values over MLflow's 8000 characters make create_run fail outright (a database error);
+    # cut them with the same visible marker as params (the full value is in config/config.yaml).
+    tags, cut = truncate_values(redact(tags), limit=MLFLOW_MAX_TAG_VALUE)
+    if cut:
+        logger.warning("tag values cut to MLflow's limit (full config in config/config.yaml): %s", ", ".join(cut))
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id
 
 

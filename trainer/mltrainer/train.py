@@ -25,6 +25,15 @@ class TrainResult:
     global_step: int
     train_loss: float | None
     model_uri: str | None
+    metrics: dict[str, float]  # the last value of every metric the Trainer logged (eval_* included)
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """Last value of each numeric metric in the Trainer's log history."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        out.update(tracking.numeric_metrics({k: v for k, v in entry.items() if k not in ("step", "epoch")}))
+    return out
 
 
 def build_training_arguments(cfg: TrainConfig):
@@ -55,8 +64,12 @@ def share(value):
     return box[0]
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str | None = None) -> TrainResult:
-    """Train per ``cfg``; with ``resume`` (a run id or ``latest``), continue that run from the store."""
+def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str | None = None,
+          parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainResult:
+    """Train per ``cfg``; with ``resume`` (a run id or ``latest``), continue that run from the store.
+
+    ``parent_run_id`` makes the run a nested child (sweep trials, cross-validation folds).
+    """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
     from transformers import Trainer
@@ -90,7 +103,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
             run_id, run_name = point.run_id, point.run_name
         else:
             run_name = cfg.run_name()
-            run_id = tracking.create_run(client, cfg, run_name)
+            run_id = tracking.create_run(client, cfg, run_name, parent_run_id=parent_run_id, extra_tags=extra_tags)
     run_id, run_name, resume_dir = share((run_id, run_name, str(point.local_dir) if point else None))
     run_dir = Path(cfg.output_root).resolve() / run_dir_name(run_name, run_id)
     args.output_dir = str(run_dir)
@@ -142,7 +155,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
             model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
                                                  cfg.registered_model)
             client.set_terminated(run_id, "FINISHED")
-        return TrainResult(run_id, run_dir, trainer.state.global_step, output.training_loss, model_uri)
+        return TrainResult(run_id, run_dir, trainer.state.global_step, output.training_loss, model_uri,
+                           final_metrics(trainer.state.log_history))
     except BaseException:
         if main:
             try:
