@@ -52,6 +52,14 @@ class StoreCheckpointsCallback(TrainerCallback):
         # After a resume, steps between the checkpoint and the crash were logged already: log
         # each (metric, step) once, so the history has no duplicates.
         self._already_logged = already_logged or {}
+        self._first_step_logged = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # A fixed marker of "training really runs" (after any resume download and Trainer setup):
+        # bench/ measures resume latency up to this line.
+        if not self._first_step_logged:
+            self._first_step_logged = True
+            logger.info("first training step started (step %d)", state.global_step + 1)
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not self.is_main or not logs:
