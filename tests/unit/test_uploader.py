@@ -1,0 +1,174 @@
+"""CheckpointUploader against in-memory stores: back-pressure, no dropped checkpoints, retries, errors.
+
+Pure logic (the uploader's own thread and queue), so a fake store stands in for MLflow + S3; the
+real store is exercised by tests/integration/test_trainer*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mltrainer.manifest import MANIFEST_NAME
+from mltrainer.policy import CheckpointPolicy
+from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
+
+KEEP_ALL = CheckpointPolicy.from_dict({})
+
+
+class FakeStore:
+    """Records uploaded files (store path -> bytes); each log_artifact takes ``delay`` seconds.
+
+    ``fail_times`` makes the first N log_artifact calls raise (a transient outage); ``always_fail``
+    makes every call raise (the store never comes back).
+    """
+
+    def __init__(self, delay: float = 0.0, fail_times: int = 0, always_fail: bool = False):
+        self.delay = delay
+        self.fail_times = fail_times
+        self.always_fail = always_fail
+        self.objects: dict[str, bytes] = {}
+        self.calls: list[str] = []
+        self.deleted: list[str] = []
+        self.lock = threading.Lock()
+        self.busy = threading.Event()  # set once the worker is inside its first log_artifact
+
+    def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
+        self.busy.set()
+        time.sleep(self.delay)
+        key = f"{artifact_path}/{Path(local_file).name}" if artifact_path else Path(local_file).name
+        with self.lock:
+            self.calls.append(key)
+            if self.always_fail:
+                raise ConnectionError(f"S3 unreachable while storing {key}")
+            if self.fail_times > 0:
+                self.fail_times -= 1
+                raise ConnectionError(f"transient failure storing {key}")
+            self.objects[key] = Path(local_file).read_bytes()
+
+    def delete_artifacts(self, artifact_path: str | None = None) -> None:
+        with self.lock:
+            self.deleted.append(artifact_path)
+            for key in [k for k in self.objects if k == artifact_path or k.startswith(f"{artifact_path}/")]:
+                del self.objects[key]
+
+    def manifests(self) -> dict[str, dict]:
+        return {k.rsplit("/", 1)[0]: json.loads(v) for k, v in self.objects.items() if k.endswith(MANIFEST_NAME)}
+
+
+def make_job(tmp_path: Path, step: int, payload: bytes | None = None) -> UploadJob:
+    """A checkpoint folder with one shared file (same bytes every step) and one per-step file."""
+    local = tmp_path / f"checkpoint-{step}"
+    local.mkdir()
+    (local / "config.json").write_text('{"same": "every step"}')
+    (local / "model.safetensors").write_bytes(payload if payload is not None else f"weights {step}".encode())
+    snap = tmp_path / "snapshots" / f"step-{step}"
+    snap.mkdir(parents=True)
+    for f in local.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    return UploadJob(snap, local, f"checkpoints/step-{step:08d}", step, {"eval_loss": 1.0 / step})
+
+
+def test_submit_blocks_only_when_the_queue_is_full_and_nothing_is_dropped(tmp_path):
+    store = FakeStore(delay=0.5)  # 3 calls per checkpoint (2 files + manifest): ~1.5 s each
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=2, max_retries=0)
+    waits = []
+    for step in range(1, 6):
+        started = time.monotonic()
+        waited = uploader.submit(make_job(tmp_path, step))
+        waits.append((waited, time.monotonic() - started))
+        if step == 1:  # let the worker take the first job, so the queue itself holds the next two
+            assert store.busy.wait(5)
+    # 1st: taken by the worker at once; 2nd and 3rd: fill the queue of 2. None of them waits.
+    for waited, elapsed in waits[:3]:
+        assert waited == 0.0
+        assert elapsed < 0.1
+    # 4th and 5th: the queue is full while the worker is busy; submit waits and says so.
+    for waited, elapsed in waits[3:]:
+        assert waited > 0.3
+        assert elapsed == pytest.approx(waited, abs=0.1)
+    assert uploader.stats.waits == [w for w, _ in waits[3:]]
+    uploader.close(progress=False)
+
+    manifests = store.manifests()
+    assert sorted(manifests) == [f"checkpoints/step-{s:08d}" for s in range(1, 6)]
+    assert [m["step"] for _, m in sorted(manifests.items())] == [1, 2, 3, 4, 5]
+    assert uploader.stats.checkpoints == 5
+    assert uploader.pending() == 0
+    # The manifest is always the last object of its checkpoint to be written.
+    for path in manifests:
+        own = [i for i, k in enumerate(store.calls) if k.startswith(path + "/")]
+        assert store.calls[own[-1]] == f"{path}/{MANIFEST_NAME}"
+    # Dedup: config.json (identical every step) is uploaded once, under the first checkpoint.
+    assert [k for k in store.objects if k.endswith("config.json")] == ["checkpoints/step-00000001/config.json"]
+    for path, m in manifests.items():
+        entry = {e["path"]: e for e in m["files"]}["config.json"]
+        assert entry["stored_at"] == "checkpoints/step-00000001/config.json"
+        assert entry["stored_at"] in store.objects
+    # Snapshots of stored checkpoints are removed; the Trainer's own folders are left alone.
+    assert not any((tmp_path / "snapshots").iterdir())
+    assert all((tmp_path / f"checkpoint-{s}").is_dir() for s in range(1, 6))
+
+
+def test_transient_failures_are_retried_with_backoff(tmp_path):
+    store = FakeStore(fail_times=2)
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=2, max_retries=3, backoff_seconds=0.1)
+    started = time.monotonic()
+    uploader.submit(make_job(tmp_path, 4))
+    uploader.close(progress=False)
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.1 + 0.2  # backoff doubles: 0.1 s, then 0.2 s
+    first = "checkpoints/step-00000004/config.json"
+    assert store.calls[:3] == [first, first, first]  # failed twice, then stored
+    assert sorted(store.manifests()) == ["checkpoints/step-00000004"]
+    assert set(store.objects) == {
+        "checkpoints/step-00000004/config.json",
+        "checkpoints/step-00000004/model.safetensors",
+        f"checkpoints/step-00000004/{MANIFEST_NAME}",
+    }
+    assert uploader.stats.checkpoints == 1
+
+
+def test_failure_is_raised_at_next_submit_and_at_close_naming_the_checkpoint(tmp_path):
+    store = FakeStore(always_fail=True)
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=2, max_retries=1, backoff_seconds=0.01)
+    first = make_job(tmp_path, 4)
+    uploader.submit(first)
+    deadline = time.monotonic() + 5
+    while uploader.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UploadError) as raised:
+        uploader.submit(make_job(tmp_path, 8))
+    assert "checkpoints/step-00000004" in str(raised.value)
+    assert str(first.local_checkpoint) in str(raised.value)
+    assert [f[0] for f in raised.value.failures] == ["checkpoints/step-00000004"]
+    # The job whose submit raised was not queued; close reports every failure again.
+    with pytest.raises(UploadError) as at_close:
+        uploader.close(progress=False)
+    assert [f[0] for f in at_close.value.failures] == ["checkpoints/step-00000004"]
+    assert store.manifests() == {}
+    assert first.local_checkpoint.is_dir()
+    assert first.snapshot.is_dir()  # the hard-linked copy is kept for a later retry
+
+
+def test_store_never_comes_back_close_lists_every_checkpoint_kept_locally(tmp_path):
+    store = FakeStore(always_fail=True)
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=4, max_retries=2, backoff_seconds=0.01)
+    jobs = [make_job(tmp_path, s) for s in (4, 8, 12)]
+    for job in jobs:
+        uploader.submit(job)  # queued before the first failure is known: no raise yet
+    with pytest.raises(UploadError) as raised:
+        uploader.close(progress=False)
+    message = str(raised.value)
+    assert message.startswith("3 checkpoint(s) were not stored")
+    assert [f[0] for f in raised.value.failures] == [j.store_path for j in jobs]
+    for job in jobs:
+        assert job.store_path in message and str(job.local_checkpoint) in message
+        assert job.local_checkpoint.is_dir() and (job.local_checkpoint / "model.safetensors").is_file()
+    # Each file was tried 1 + max_retries times and the first file never got past it.
+    assert len(store.calls) == 3 * 3
+    assert store.manifests() == {}
