@@ -145,11 +145,12 @@ def test_failure_is_raised_at_next_submit_and_at_close_naming_the_checkpoint(tmp
         uploader.submit(make_job(tmp_path, 8))
     assert "checkpoints/step-00000004" in str(raised.value)
     assert str(first.local_checkpoint) in str(raised.value)
-    assert [f[0] for f in raised.value.failures] == ["checkpoints/step-00000004"]
-    # The job whose submit raised was not queued; close reports every failure again.
+    # The checkpoint whose submit raised is not stored either, and is listed too.
+    assert [f[0] for f in raised.value.failures] == ["checkpoints/step-00000004", "checkpoints/step-00000008"]
+    assert "not attempted: an earlier upload failed" in str(raised.value)
     with pytest.raises(UploadError) as at_close:
         uploader.close(progress=False)
-    assert [f[0] for f in at_close.value.failures] == ["checkpoints/step-00000004"]
+    assert [f[0] for f in at_close.value.failures] == ["checkpoints/step-00000004", "checkpoints/step-00000008"]
     assert store.manifests() == {}
     assert first.local_checkpoint.is_dir()
     assert first.snapshot.is_dir()  # the hard-linked copy is kept for a later retry
@@ -171,4 +172,23 @@ def test_store_never_comes_back_close_lists_every_checkpoint_kept_locally(tmp_pa
         assert job.local_checkpoint.is_dir() and (job.local_checkpoint / "model.safetensors").is_file()
     # Each file was tried 1 + max_retries times and the first file never got past it.
     assert len(store.calls) == 3 * 3
+    assert store.manifests() == {}
+
+
+def test_failure_at_submit_lists_queued_checkpoints_too(tmp_path):
+    """Training stops at the first save after a failure; nothing queued behind it goes unreported."""
+    store = FakeStore(always_fail=True, delay=0.2)
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=4, max_retries=0, backoff_seconds=0.01)
+    jobs = [make_job(tmp_path, s) for s in (4, 8, 12)]
+    for job in jobs:
+        uploader.submit(job)
+    deadline = time.monotonic() + 5
+    while not uploader._failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    last = make_job(tmp_path, 16)
+    with pytest.raises(UploadError) as raised:
+        uploader.submit(last)
+    listed = [f[0] for f in raised.value.failures]
+    assert sorted(listed) == sorted(j.store_path for j in [*jobs, last])
+    assert all(path.is_dir() for _, path, _ in raised.value.failures)
     assert store.manifests() == {}

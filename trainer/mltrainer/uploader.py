@@ -68,6 +68,12 @@ class UploadStats:
 _STOP = object()
 
 
+def _local_copy(job: UploadJob) -> Path:
+    """Where the bytes of a checkpoint that was not stored are: the Trainer's folder, or our
+    snapshot when ``save_total_limit`` already rotated that away."""
+    return job.local_checkpoint if job.local_checkpoint.exists() else job.snapshot
+
+
 class CheckpointUploader:
     def __init__(
         self,
@@ -105,8 +111,15 @@ class CheckpointUploader:
             self._digests.update(manifest.digest_index())
 
     def submit(self, job: UploadJob) -> float:
-        """Queue a checkpoint; returns the seconds training waited for room in the queue."""
-        self.raise_errors()
+        """Queue a checkpoint; returns the seconds training waited for room in the queue.
+
+        After an upload failed for good this raises instead, listing every checkpoint that is not
+        in the store: the failed ones, those still queued, and ``job``.
+        """
+        with self._lock:
+            failed = len(self._failures) > self._reported
+        if failed:
+            self._stop_and_account([job])
         started = time.monotonic()
         try:
             self._queue.put_nowait(job)
@@ -121,6 +134,25 @@ class CheckpointUploader:
 
     def pending(self) -> int:
         return self._queue.unfinished_tasks
+
+    def _stop_and_account(self, also: list[UploadJob]) -> None:
+        abandoned = list(also)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                abandoned.append(item)
+            self._queue.task_done()
+        self._queue.join()  # the upload in flight ends, stored or failed, so the list is exact
+        with self._lock:
+            for item in abandoned:
+                self._failures.append((item.store_path, _local_copy(item),
+                                       RuntimeError("not attempted: an earlier upload failed")))
+            failures = list(self._failures)
+            self._reported = len(self._failures)
+        raise UploadError(failures)
 
     def raise_errors(self) -> None:
         with self._lock:
@@ -165,7 +197,7 @@ class CheckpointUploader:
                 except BaseException as exc:  # noqa: BLE001 - reported to the training thread
                     logger.error("checkpoint %s not stored: %s", job.store_path, exc)
                     with self._lock:
-                        self._failures.append((job.store_path, job.local_checkpoint, exc))
+                        self._failures.append((job.store_path, _local_copy(job), exc))
             finally:
                 self._queue.task_done()
 
