@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
 BASE_ARGS = [
+    "--set", "log_final_model=false",
     "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
     "--set", "training.logging_steps=2", "--set", "checkpoints.save_last_k=3",
 ]

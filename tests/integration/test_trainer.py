@@ -60,7 +60,7 @@ def runs(native_stack, client, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("same-root")
     experiment = unique_experiment("trainer-default")
-    first = train(native_stack, root, experiment)
+    first = train(native_stack, root, experiment, "log_final_model=true")
     before = object_digests(native_stack, artifact_prefix(client, first.run_id))
     last_root = tmp_path_factory.mktemp("last")
     procs = {
@@ -278,3 +278,12 @@ def test_checkpoints_command_unknown_run_id_fails_clearly(native_stack):
     assert proc.stderr.startswith("error: ")
     assert bogus in proc.stderr and "not found" in proc.stderr.lower()
     assert "Traceback" not in proc.stderr
+
+
+def test_final_model_is_logged_only_when_asked(native_stack, client, default_runs):
+    first, second = default_runs["runs"]
+    assert "Final model: models:/" in first.stdout
+    assert "Final model: not logged" in second.stdout
+    experiment_id = client.get_run(first.run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id])
+    assert [m.source_run_id for m in models] == [first.run_id]

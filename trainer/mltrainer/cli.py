@@ -70,7 +70,7 @@ def _train(argv: list[str]) -> int:
         print(f"\nRun {run.info.run_name} ({result.run_id}) finished at step {result.global_step}")
         print(f"  UI:          {uri}/#/experiments/{run.info.experiment_id}/runs/{result.run_id}")
         print(f"  Local dir:   {result.run_dir}")
-        print(f"  Final model: {result.model_uri}")
+        print(f"  Final model: {result.model_uri or 'not logged (log_final_model: false)'}")
         print(format_table(list_checkpoints(client, result.run_id)))
     return 0
 

@@ -187,6 +187,7 @@ class TrainConfig:
     output_root: str = "outputs"
     registered_model: RegisteredModelConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    log_final_model: bool = True  # the trained model as an MLflow model at the end (a few seconds)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config_hash`` hashes and runs log)."""
@@ -529,7 +530,7 @@ def _check_eval_available(cfg: TrainConfig) -> None:
 
 TOP_LEVEL_KEYS = (
     "experiment", "model", "data", "training", "checkpoints", "upload",
-    "output_root", "registered_model", "tracking",
+    "output_root", "registered_model", "tracking", "log_final_model",
 )  # fmt: skip
 
 
@@ -549,7 +550,10 @@ def build_config(data: Any, *, config_dir: Path | None = None) -> TrainConfig:
         output_root=s.get_str("output_root", "outputs"),
         registered_model=_registered_model(s.raw("registered_model")),
         tracking=_tracking(s.raw("tracking")),
+        log_final_model=s.get_bool("log_final_model", True),
     )
+    if cfg.registered_model is not None and not cfg.log_final_model:
+        raise ConfigError("registered_model", "needs the final model: log_final_model must be true")
     _check_eval_available(cfg)
     return cfg
 

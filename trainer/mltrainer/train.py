@@ -152,8 +152,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
             import mlflow
 
             mlflow.flush_async_logging()
-            model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
-                                                 cfg.registered_model)
+            if cfg.log_final_model:
+                model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
+                                                     cfg.registered_model)
             client.set_terminated(run_id, "FINISHED")
         return TrainResult(run_id, run_dir, trainer.state.global_step, output.training_loss, model_uri,
                            final_metrics(trainer.state.log_history))
