@@ -81,3 +81,7 @@ train: $(STAMP) ## Fine-tune CONFIG=configs/x.yaml against the native stack (sta
 
 demo: $(STAMP) $(MINILM_DIR) ## First run: set up, start the native stack, fine-tune pretrained MiniLM on CPU
 	@$(MAKE) --no-print-directory train CONFIG=configs/demo-minilm.yaml
+
+# --- Benchmarks -----------------------------------------------------------------------------
+bench: $(STAMP) ## Benchmarks next to their baselines on an own native stack (ARGS="--smoke", "--cases transfer", ...)
+	$(BIN)/python bench/bench.py $(ARGS)

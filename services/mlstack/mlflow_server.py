@@ -160,7 +160,8 @@ def gunicorn_command(env: dict[str, str]) -> list[str]:
         "--timeout", "600",
         "--graceful-timeout", "30",
         "--access-logfile", "-",
-        "mlflow.server.auth:create_app()",
+        # MLflow's auth app with streaming artifact transfers (see mlstack.mlflow_app).
+        "mlstack.mlflow_app:create_app()",
     ]
 
 

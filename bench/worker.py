@@ -1,0 +1,313 @@
+"""One measurement, in its own process: ``python bench/worker.py KIND JSON_ARGS OUT_JSON``.
+
+bench/bench.py starts one of these per case and repetition, so every case gets a fresh
+interpreter (no warm caches, no thread pools left over from the case before). Clients that talk
+to MLflow get only the tracking URI and the trainer user's credentials; only the ``boto3-*``
+kinds get the bucket-scoped S3 key (through the environment, set by the parent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stop_tqdm() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+# -- case 1 and 5: training with and without tracking ----------------------------------------------
+
+
+CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def train_sets(a: dict) -> list[str]:
+    """``--set`` overrides of configs/tiny.yaml for a bench training; the resume case passes the same ones."""
+    sets = [
+        f"model.name_or_path={a['model_dir']}",
+        f"model.from_config={'true' if a['from_config'] else 'false'}",
+        f"training.max_steps={a['steps']}",
+        f"training.save_steps={a['save_every']}",
+        f"training.logging_steps={a.get('logging_steps', 5)}",
+        "training.eval_strategy=no",
+        f"training.per_device_train_batch_size={a['batch_size']}",
+        f"data.max_length={a['max_length']}",
+        f"data.max_train_samples={a['steps'] * a['batch_size']}",
+        "checkpoints.save_top_k=null",
+        "checkpoints.save_last_k=null",
+        "checkpoints.monitor=null",
+        f"experiment.name={a.get('experiment', 'bench-training')}",
+        f"output_root={a['work']}/outputs",
+    ]
+    sets += [f"model.config_overrides.{k}={v}" for k, v in (a.get("config_overrides") or {}).items()]
+    return sets
+
+
+def _train_config(a: dict):
+    from mltrainer.config import load_config
+
+    return load_config(str(CONFIG), train_sets(a))
+
+
+def train(a: dict) -> dict:
+    """mode none: plain Trainer; stock: transformers' MLflowCallback with artifacts; ours: our callback."""
+    _stop_tqdm()
+    mode = a["mode"]
+    if mode == "stock":
+        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = "1"
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = "bench-training-stock"
+    import torch
+    from transformers import Trainer
+
+    from mltrainer.modeling import prepare
+    from mltrainer.train import build_training_arguments
+
+    torch.set_num_threads(a.get("torch_threads") or torch.get_num_threads())
+    cfg = _train_config(a)
+    args = build_training_arguments(cfg)
+    out_dir = Path(a["work"]) / f"train-{mode}-{os.getpid()}"
+    args.output_dir = str(out_dir)
+    args.disable_tqdm = True
+    if mode == "stock":
+        args.report_to = ["mlflow"]
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    prepared = prepare(cfg)
+    callbacks, uploader, client, run_id = [], None, None, None
+    if mode == "ours":
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.tracking import MlflowClient
+
+        from mltrainer import tracking
+        from mltrainer.callback import StoreCheckpointsCallback
+        from mltrainer.uploader import CheckpointUploader
+
+        client = MlflowClient()
+        run_id = tracking.create_run(client, cfg, f"bench-{mode}")
+        repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+        uploader = CheckpointUploader(repo, cfg.checkpoints, queue_size=cfg.upload.queue_size)
+        callbacks.append(StoreCheckpointsCallback(client=client, run_id=run_id, policy=cfg.checkpoints,
+                                                  uploader=uploader, snapshot_root=out_dir / ".upload-snapshots",
+                                                  is_main=True))
+    trainer = Trainer(model=prepared.model, args=args, train_dataset=prepared.train_dataset,
+                      data_collator=prepared.data_collator, processing_class=prepared.tokenizer, callbacks=callbacks)
+    step_times: list[float] = []
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, *_a, **_k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_a, **_k):
+            step_times.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(StepClock())
+    started = time.perf_counter()
+    trainer.train()  # ours: on_train_end drains the upload queue, so every checkpoint is stored
+    wall = time.perf_counter() - started
+    result = {"mode": mode, "wall_s": wall, "steps": trainer.state.global_step,
+              "median_step_s": statistics.median(step_times) if step_times else None,
+              "saves": len([p for p in out_dir.glob("checkpoint-*") if p.is_dir()]),
+              "expected_saves": a["steps"] // a["save_every"]}
+    if mode == "ours":
+        import mlflow
+
+        from mltrainer.store import scan
+
+        mlflow.flush_async_logging()
+        complete = [c for c in scan(client, run_id) if c.manifest is not None]
+        sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                 for p in out_dir.glob("checkpoint-*") if p.is_dir()]
+        result.update(run_id=run_id, manifests=len(complete), uploaded_bytes=uploader.stats.uploaded_bytes,
+                      deduplicated_bytes=uploader.stats.deduplicated_bytes, folder_bytes=sum(sizes),
+                      checkpoint_bytes=max(sizes) if sizes else 0, queue_waits=uploader.stats.waits)
+        client.set_terminated(run_id, "FINISHED")
+    if mode == "stock":
+        import mlflow
+
+        mlflow.end_run()
+    if not a.get("keep"):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+# -- case 2: checkpoint transfer --------------------------------------------------------------------
+
+
+def ours_upload(a: dict) -> dict:
+    """The trainer's path: CheckpointUploader (manifest with sha256, dedup index, then files)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    from mltrainer.callback import snapshot
+    from mltrainer.policy import CheckpointPolicy
+    from mltrainer.uploader import CheckpointUploader, UploadJob
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("bench-transfer")
+    exp_id = exp.experiment_id if exp else client.create_experiment("bench-transfer")
+    run = client.create_run(exp_id, run_name="bench-upload")
+    repo = get_artifact_repository(run.info.artifact_uri)
+    snap = snapshot(Path(a["src"]), Path(a["work"]) / f"snap-{os.getpid()}")
+    started = time.perf_counter()
+    uploader = CheckpointUploader(repo, CheckpointPolicy())
+    uploader.submit(UploadJob(snap, Path(a["src"]), "checkpoints/step-1", 1, {}))
+    uploader.close(progress=False)
+    seconds = time.perf_counter() - started
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return {"seconds": seconds, "run_id": run.info.run_id, "experiment_id": exp_id,
+            "uploaded_bytes": uploader.stats.uploaded_bytes}
+
+
+def ours_download(a: dict) -> dict:
+    """The resume path: the manifest from the store, then resume.download_checkpoint (verifies sha256)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    from mltrainer.resume import download_checkpoint
+    from mltrainer.store import scan
+
+    _stop_tqdm()
+    client = MlflowClient()
+    started = time.perf_counter()
+    (found,) = [c for c in scan(client, a["run_id"]) if c.manifest is not None]
+    repo = get_artifact_repository(client.get_run(a["run_id"]).info.artifact_uri)
+    dest = Path(a["work"]) / f"dl-ours-{os.getpid()}"
+    problem = download_checkpoint(repo, found.manifest, dest)
+    seconds = time.perf_counter() - started
+    if problem:
+        raise RuntimeError(problem)
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"seconds": seconds, "bytes": total}
+
+
+def _s3():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ["BENCH_S3_ENDPOINT"],
+                        aws_access_key_id=os.environ["BENCH_S3_KEY"], aws_secret_access_key=os.environ["BENCH_S3_SECRET"],
+                        region_name="us-east-1")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def boto3_upload(a: dict) -> dict:
+    """boto3 upload_file (default TransferConfig: 8 MB parts, 10 threads) of every file, one after the other."""
+    s3, src, bucket = _s3(), Path(a["src"]), os.environ["BENCH_S3_BUCKET"]
+    prefix = f"bench-direct/{os.getpid()}"
+    started = time.perf_counter()
+    for f in _files(src):
+        s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src).as_posix()}")
+    return {"seconds": time.perf_counter() - started, "prefix": prefix}
+
+
+def boto3_download(a: dict) -> dict:
+    s3, bucket, prefix = _s3(), os.environ["BENCH_S3_BUCKET"], a["prefix"].rstrip("/")
+    dest = Path(a["work"]) / f"dl-boto3-{os.getpid()}"
+    started = time.perf_counter()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", [])]
+    for key in keys:
+        target = dest / key[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+    seconds = time.perf_counter() - started
+    total = sum(f.stat().st_size for f in _files(dest))
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"seconds": seconds, "bytes": total}
+
+
+def local_copy(a: dict) -> dict:
+    dest = Path(a["work"]) / f"copy-{os.getpid()}"
+    started = time.perf_counter()
+    shutil.copytree(a["src"], dest)
+    os.sync()
+    seconds = time.perf_counter() - started
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"seconds": seconds}
+
+
+# -- case 4: metric logging -------------------------------------------------------------------------
+
+
+def metrics_trainer(a: dict) -> dict:
+    """How long tracking.log_metrics holds the calling (training) thread, and the rate it sustains."""
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from mltrainer import tracking
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("bench-metrics")
+    exp_id = exp.experiment_id if exp else client.create_experiment("bench-metrics")
+    run_id = client.create_run(exp_id, run_name="bench-trainer-metrics").info.run_id
+    keys = [f"m{i}" for i in range(a["metrics_per_step"])]
+    calls = []
+    started = time.perf_counter()
+    for step in range(a["steps"]):
+        t = time.perf_counter()
+        tracking.log_metrics(client, run_id, {k: step * 0.5 for k in keys}, step)
+        calls.append(time.perf_counter() - t)
+    enqueued = time.perf_counter() - started
+    mlflow.flush_async_logging()
+    total = time.perf_counter() - started
+    points = a["steps"] * len(keys)
+    history = client.get_metric_history(run_id, keys[-1])
+    client.set_terminated(run_id, "FINISHED")
+    calls.sort()
+    return {"points": points, "enqueue_s": enqueued, "total_s": total, "call_p50_ms": 1000 * calls[len(calls) // 2],
+            "call_p99_ms": 1000 * calls[int(len(calls) * 0.99)], "stored_steps": len(history)}
+
+
+def metrics_client(a: dict) -> dict:
+    """One of N concurrent clients: synchronous log_batch requests of ``batch`` points each."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run_id = a["run_id"]
+    lat = []
+    t0 = time.time()
+    while time.time() < a["start_at"]:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    ts = int(t0 * 1000)
+    for i in range(a["requests"]):
+        metrics = [Metric(f"c{a['index']}_m{j % 10}", float(i), ts, i * 100 + j // 10) for j in range(a["batch"])]
+        t = time.perf_counter()
+        client.log_batch(run_id, metrics=metrics)
+        lat.append(time.perf_counter() - t)
+    return {"seconds": time.perf_counter() - started, "latencies": lat, "points": a["requests"] * a["batch"]}
+
+
+KINDS = {f.__name__.replace("_", "-"): f for f in
+         (train, ours_upload, ours_download, boto3_upload, boto3_download, local_copy, metrics_trainer, metrics_client)}
+
+
+def main() -> int:
+    kind, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    logging.basicConfig(level=logging.WARNING)
+    if not kind.startswith("boto3"):
+        leaked = [k for k in os.environ if k.startswith(("AWS_", "S3_", "BENCH_S3"))]
+        assert not leaked, f"MLflow clients must not see S3 credentials: {leaked}"
+    result = KINDS[kind](args)
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
