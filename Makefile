@@ -33,7 +33,8 @@ venv: $(STAMP) ## Create the virtual environment with everything installed
 # --- Docker Compose -------------------------------------------------------------------------
 up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Docker Compose
 	@infra/check-env.sh .env
-	$(COMPOSE) up -d --build --wait
+	$(COMPOSE) up -d --build --wait postgres s3 mlflow
+	$(COMPOSE) run --rm users-init
 	@source .env; echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
 
 down: ## Stop the compose stack (volumes are kept)

