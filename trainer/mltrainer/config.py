@@ -603,6 +603,29 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def read_yaml_file(path: Path, what: str = "config file") -> Any:
+    """The parsed YAML of ``path``; a missing, unreadable or invalid file is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(None, f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(None, f"cannot read {what} {str(path)!r}: {exc}") from None
+    return parse_yaml(text, source=str(path))
+
+
+def read_config_mapping(path: Path) -> dict[str, Any]:
+    """A training config file as a mapping, before overrides and validation."""
+    data = read_yaml_file(path)
+    if data is None:
+        raise ConfigError(None, f"config file {str(path)!r} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            None, f"config file {str(path)!r} must hold a mapping at the top level, got {_type_name(data)}"
+        )
+    return data
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
     """Read, override and validate the config at ``path``.
 
@@ -612,19 +635,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
             the config path.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(None, f"config file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(None, f"cannot read config file {str(path)!r}: {exc}") from None
-    data = parse_yaml(text, source=str(path))
-    if data is None:
-        raise ConfigError(None, f"config file {str(path)!r} is empty")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            None, f"config file {str(path)!r} must hold a mapping at the top level, got {_type_name(data)}"
-        )
+    data = read_config_mapping(path)
     try:
         apply_overrides(data, overrides)
         return build_config(data, config_dir=path.resolve().parent)

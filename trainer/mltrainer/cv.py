@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mltrainer.config import TrainConfig, apply_overrides, build_config, parse_yaml
+from mltrainer.config import TrainConfig, apply_overrides, build_config, read_config_mapping
 from mltrainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -65,15 +65,7 @@ class CvOutcome:
 def load_cv(config_path: str | Path, overrides: Sequence[str], folds: int, metrics: Sequence[str],
             seed: int | None) -> CvSetup:
     path = Path(config_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(None, f"config file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(None, f"cannot read config file {str(path)!r}: {exc}") from None
-    data = parse_yaml(text, source=str(path))
-    if not isinstance(data, dict):
-        raise ConfigError(None, f"config file {str(path)!r} must hold a mapping")
+    data = read_config_mapping(path)
     config_dir = path.resolve().parent
     try:
         apply_overrides(data, overrides)

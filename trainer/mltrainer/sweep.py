@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mltrainer.config import TrainConfig, apply_overrides, build_config, parse_yaml
+from mltrainer.config import TrainConfig, apply_overrides, build_config, parse_yaml, read_yaml_file
 from mltrainer.errors import ConfigError, did_you_mean, unknown_key_error
 
 logger = logging.getLogger(__name__)
@@ -243,14 +243,9 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSweep:
     Raises ConfigError naming the sweep key at fault (``search.space.training.lr``, ...).
     """
     path = Path(path)
+    data = read_yaml_file(path, "sweep file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(None, f"sweep file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(None, f"cannot read sweep file {str(path)!r}: {exc}") from None
-    try:
-        return _load_sweep(path.resolve(), parse_yaml(text, source=str(path)), list(overrides))
+        return _load_sweep(path.resolve(), data, list(overrides))
     except ConfigError as exc:
         if exc.source is None and exc.key is not None:
             exc.source = str(path)
