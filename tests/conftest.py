@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +70,10 @@ def stack_ports() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def native_stack(tmp_path_factory, stack_ports) -> RunningStack:
-    state_dir = tmp_path_factory.mktemp("stack-state")
+def native_stack(stack_ports) -> RunningStack:
+    # Not under pytest's tmp_path root: every pytest session re-chmods that root to 0700, which
+    # would lock the unprivileged PostgreSQL account out of its data directory mid-run.
+    state_dir = Path(tempfile.mkdtemp(prefix="mlstack-tests-"))
     saved = {k: os.environ.get(k) for k in stack_ports}
     os.environ.update(stack_ports)
     stack = Stack(state_dir)
@@ -78,6 +82,7 @@ def native_stack(tmp_path_factory, stack_ports) -> RunningStack:
         yield RunningStack(stack, env)
     finally:
         Stack(state_dir).down()
+        shutil.rmtree(state_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -54,7 +54,7 @@ def check_server(client: MlflowClient) -> None:
     added = {k: v for k, v in _PREFLIGHT_HTTP.items() if k not in os.environ}
     os.environ.update(added)
     try:
-        client.search_experiments(max_results=1)
+        _search_until_not_busy(client)
     except mlflow.exceptions.MlflowException as exc:
         text = str(exc)
         if "401" in text or "Unauthorized" in text or "credentials" in text.lower():
@@ -69,6 +69,21 @@ def check_server(client: MlflowClient) -> None:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+def _search_until_not_busy(client: MlflowClient, patience: float = 60.0) -> None:
+    """A server that answers 503 (busy: e.g. its database pool is exhausted) is up, not down:
+    keep asking for a while instead of failing the way an unreachable one does."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            client.search_experiments(max_results=1)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if "503" not in str(exc) or time.monotonic() > deadline:
+                raise
+            logger.warning("the MLflow server is busy (503); asking again in 2 s")
+            time.sleep(2)
 
 
 def dataset_name(cfg: TrainConfig) -> str:
