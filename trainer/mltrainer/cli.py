@@ -11,11 +11,34 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any, Callable
 
 EXIT_CONFIG = 2
 EXIT_TRACKING = 3
 EXIT_UPLOAD = 4
 EXIT_RESUME = 5
+
+
+def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run ``action``; our error types become one line on stderr and an exit code, not a traceback."""
+    from mltrainer.resume import ResumeError
+    from mltrainer.tracking import TrackingError
+    from mltrainer.uploader import UploadError
+
+    try:
+        return action(), None
+    except ValueError as exc:  # ConfigError included; also bad TrainingArguments values, columns, labels
+        print(f"config error: {exc}", file=sys.stderr)
+        return None, EXIT_CONFIG
+    except TrackingError as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return None, EXIT_TRACKING
+    except ResumeError as exc:
+        print(f"resume error: {exc}", file=sys.stderr)
+        return None, EXIT_RESUME
+    except UploadError as exc:
+        print(f"upload error: {exc}", file=sys.stderr)
+        return None, EXIT_UPLOAD
 
 
 def _train(argv: list[str]) -> int:
@@ -32,33 +55,12 @@ def _train(argv: list[str]) -> int:
         parser.error("--resume-checkpoint needs --resume RUN_ID|latest")
 
     from mltrainer.config import load_config
-    from mltrainer.errors import ConfigError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-
-    from mltrainer.resume import ResumeError
-    from mltrainer.tracking import TrackingError
     from mltrainer.train import train
-    from mltrainer.uploader import UploadError
 
-    try:
-        result = train(cfg, resume=args.resume, resume_checkpoint=args.resume_checkpoint)
-    except ValueError as exc:  # bad TrainingArguments values, dataset columns, labels
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TrackingError as exc:
-        print(f"tracking error: {exc}", file=sys.stderr)
-        return EXIT_TRACKING
-    except ResumeError as exc:
-        print(f"resume error: {exc}", file=sys.stderr)
-        return EXIT_RESUME
-    except UploadError as exc:
-        print(f"upload error: {exc}", file=sys.stderr)
-        return EXIT_UPLOAD
+    result, code = _guarded(lambda: train(load_config(args.config, args.overrides), resume=args.resume,
+                                          resume_checkpoint=args.resume_checkpoint))
+    if code is not None:
+        return code
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         import mlflow
 
@@ -116,23 +118,16 @@ def _sweep(argv: list[str]) -> int:
     if args.max_trials is not None and args.max_trials < 0:
         parser.error("--max-trials must be >= 0")
 
-    from mltrainer.errors import ConfigError
     from mltrainer.sweep import format_trials, load_sweep, run_sweep
-    from mltrainer.tracking import TrackingError
 
-    try:
+    def sweep():
         loaded = load_sweep(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        outcome = run_sweep(loaded, max_trials=args.max_trials, fresh=args.fresh)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TrackingError as exc:
-        print(f"tracking error: {exc}", file=sys.stderr)
-        return EXIT_TRACKING
+        return loaded, run_sweep(loaded, max_trials=args.max_trials, fresh=args.fresh)
+
+    got, code = _guarded(sweep)
+    if code is not None:
+        return code
+    loaded, outcome = got
     spec = loaded.spec
     print(f"\nSweep {spec.name} ({spec.backend}): parent run {outcome.parent_run_id}")
     print(format_trials(spec, outcome.records, outcome.best))
@@ -162,21 +157,13 @@ def _cv(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from mltrainer.cv import load_cv, run_cv
-    from mltrainer.errors import ConfigError
-    from mltrainer.tracking import TrackingError
 
-    try:
-        setup = load_cv(args.config, args.overrides, args.folds, args.metrics, args.seed)
-        outcome = run_cv(setup)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as exc:  # bad TrainingArguments values, dataset columns, labels
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TrackingError as exc:
-        print(f"tracking error: {exc}", file=sys.stderr)
-        return EXIT_TRACKING
+    setup, code = _guarded(lambda: load_cv(args.config, args.overrides, args.folds, args.metrics, args.seed))
+    if code is not None:
+        return code
+    outcome, code = _guarded(lambda: run_cv(setup))
+    if code is not None:
+        return code
     print(f"\nCross-validation ({setup.folds} folds): parent run {outcome.parent_run_id}")
     for fold in outcome.folds:
         values = "  ".join(f"{m}={fold.metrics[m]:.6g}" for m in setup.metrics)
