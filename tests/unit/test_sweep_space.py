@@ -12,7 +12,8 @@ from mltrainer.best import differing_params
 from mltrainer.cv import fold_indices, mean_std
 from mltrainer.errors import ConfigError
 from mltrainer.plots import confusion_matrix, correlation_importance
-from mltrainer.sweep import ParamSpec, best_of, load_sweep, parse_param, set_dotted, trial_number_from_id, TrialRecord
+from mltrainer.config import set_dotted
+from mltrainer.sweep import ParamSpec, best_of, load_sweep, parse_param, trial_number_from_id, TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 

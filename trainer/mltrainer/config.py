@@ -240,7 +240,8 @@ def config_hash(cfg: TrainConfig) -> str:
 # Validation helpers
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How a YAML value's type is named in error messages."""
     return "null" if value is None else type(value).__name__
 
 
@@ -251,7 +252,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {_type_name(data)} {data!r}")
+            raise ConfigError(key, f"expected a mapping, got {type_name(data)} {data!r}")
         for name in data:
             if name not in allowed:
                 raise unknown_key_error(self._join(key, str(name)), allowed)
@@ -284,7 +285,7 @@ class _Section:
         if value is default:
             return value
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(self.key_of(name), f"expected a non-empty string, got {_type_name(value)} {value!r}")
+            raise ConfigError(self.key_of(name), f"expected a non-empty string, got {type_name(value)} {value!r}")
         if choices is not None and value not in choices:
             raise ConfigError(
                 self.key_of(name), f"must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
@@ -296,7 +297,7 @@ class _Section:
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key_of(name), f"expected an integer, got {_type_name(value)} {value!r}")
+            raise ConfigError(self.key_of(name), f"expected an integer, got {type_name(value)} {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}")
         return value
@@ -306,7 +307,7 @@ class _Section:
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(self.key_of(name), f"expected a number, got {_type_name(value)} {value!r}")
+            raise ConfigError(self.key_of(name), f"expected a number, got {type_name(value)} {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}")
         return float(value)
@@ -314,16 +315,16 @@ class _Section:
     def get_bool(self, name: str, default: Any = _REQUIRED) -> Any:
         value = self._get(name, default)
         if not isinstance(value, bool):
-            raise ConfigError(self.key_of(name), f"expected true or false, got {_type_name(value)} {value!r}")
+            raise ConfigError(self.key_of(name), f"expected true or false, got {type_name(value)} {value!r}")
         return value
 
     def get_mapping(self, name: str) -> dict[str, Any]:
         value = self._get(name, {})
         if not isinstance(value, Mapping):
-            raise ConfigError(self.key_of(name), f"expected a mapping, got {_type_name(value)} {value!r}")
+            raise ConfigError(self.key_of(name), f"expected a mapping, got {type_name(value)} {value!r}")
         for k in value:
             if not isinstance(k, str):
-                raise ConfigError(self.key_of(name), f"keys must be strings, got {_type_name(k)} {k!r}")
+                raise ConfigError(self.key_of(name), f"keys must be strings, got {type_name(k)} {k!r}")
         return dict(value)
 
 
@@ -386,7 +387,7 @@ def _experiment(data: Any) -> ExperimentConfig:
     tags = {}
     for k, v in s.get_mapping("tags").items():
         if isinstance(v, (dict, list)) or v is None:
-            raise ConfigError(f"experiment.tags.{k}", f"tag values must be scalars, got {_type_name(v)} {v!r}")
+            raise ConfigError(f"experiment.tags.{k}", f"tag values must be scalars, got {type_name(v)} {v!r}")
         tags[k] = str(v).lower() if isinstance(v, bool) else str(v)
     return ExperimentConfig(name=s.get_str("name"), run_name=run_name, tags=tags)
 
@@ -463,7 +464,7 @@ def _training(data: Any) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError("training", f"expected a mapping of TrainingArguments fields, got {_type_name(data)}")
+        raise ConfigError("training", f"expected a mapping of TrainingArguments fields, got {type_name(data)}")
     known = training_argument_fields()
     for name in data:
         key = f"training.{name}"
@@ -588,19 +589,22 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             raise ConfigError(
                 None, f"malformed override {raw!r}: expected dotted.key=value, e.g. training.learning_rate=3e-5"
             )
-        value = _parse_override_value(value_text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    ".".join(parts[: i + 1]), f"override {raw!r} needs a mapping here, but the value is {child!r}"
-                )
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, key, _parse_override_value(value_text))
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"needs a mapping here to set {key}, but the value is {child!r}")
+        node = child
+    node[parts[-1]] = value
 
 
 def read_yaml_file(path: Path, what: str = "config file") -> Any:
@@ -621,7 +625,7 @@ def read_config_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError(None, f"config file {str(path)!r} is empty")
     if not isinstance(data, dict):
         raise ConfigError(
-            None, f"config file {str(path)!r} must hold a mapping at the top level, got {_type_name(data)}"
+            None, f"config file {str(path)!r} must hold a mapping at the top level, got {type_name(data)}"
         )
     return data
 

@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mltrainer.config import TrainConfig, apply_overrides, build_config, parse_yaml, read_yaml_file
+from mltrainer.config import (TrainConfig, apply_overrides, build_config, read_config_mapping, read_yaml_file,
+                              set_dotted, type_name)
 from mltrainer.errors import ConfigError, did_you_mean, unknown_key_error
 
 logger = logging.getLogger(__name__)
@@ -141,13 +142,9 @@ class SweepSpec:
         return a < b if self.direction == "minimize" else a > b
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
 def _number(value: Any, key: str, *, integer: bool) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ConfigError(key, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)} {value!r}")
+        raise ConfigError(key, f"expected {'an integer' if integer else 'a number'}, got {type_name(value)} {value!r}")
     return value
 
 
@@ -155,7 +152,7 @@ def parse_param(key: str, data: Any) -> ParamSpec:
     where = f"search.space.{key}"
     if not isinstance(data, Mapping):
         raise ConfigError(where, f"expected a mapping like {{type: float, low: 1.0e-5, high: 1.0e-3}}, "
-                                 f"got {_type_name(data)} {data!r}")
+                                 f"got {type_name(data)} {data!r}")
     allowed = ("type", "low", "high", "log", "step", "choices")
     for name in data:
         if name not in allowed:
@@ -170,10 +167,10 @@ def parse_param(key: str, data: Any) -> ParamSpec:
                 raise ConfigError(f"{where}.{name}", "does not apply to type categorical (use choices)")
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}.choices", f"expected a non-empty list, got {_type_name(choices)} {choices!r}")
+            raise ConfigError(f"{where}.choices", f"expected a non-empty list, got {type_name(choices)} {choices!r}")
         for c in choices:
             if c is not None and not isinstance(c, (str, int, float, bool)):
-                raise ConfigError(f"{where}.choices", f"choices must be scalars, got {_type_name(c)} {c!r}")
+                raise ConfigError(f"{where}.choices", f"choices must be scalars, got {type_name(c)} {c!r}")
         if len({json.dumps(c) for c in choices}) != len(choices):
             raise ConfigError(f"{where}.choices", f"choices must be distinct, got {choices!r}")
         return ParamSpec(key, kind, choices=tuple(choices))
@@ -189,7 +186,7 @@ def parse_param(key: str, data: Any) -> ParamSpec:
         raise ConfigError(f"{where}.high", f"must be {'>=' if integer else '>'} low ({low}), got {high}")
     log = data.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"{where}.log", f"expected true or false, got {_type_name(log)} {log!r}")
+        raise ConfigError(f"{where}.log", f"expected true or false, got {type_name(log)} {log!r}")
     if log and low <= 0:
         raise ConfigError(f"{where}.low", f"must be > 0 with log: true, got {low}")
     step = data.get("step")
@@ -202,31 +199,14 @@ def parse_param(key: str, data: Any) -> ParamSpec:
     return ParamSpec(key, kind, low=low, high=high, log=log, step=step)
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(".".join(parts[:i + 1]), f"needs a mapping here to set {key}, but the value is {child!r}")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_base(path: Path) -> dict[str, Any]:
+    """The sweep's base training config as a mapping; its file-level problems are the ``base`` key's."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("base", f"training config {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("base", f"cannot read training config {str(path)!r}: {exc}") from None
-    data = parse_yaml(text, source=str(path))
-    if not isinstance(data, dict):
-        raise ConfigError("base", f"training config {str(path)!r} must hold a mapping, got {_type_name(data)}")
-    return data
+        return read_config_mapping(path)
+    except ConfigError as exc:
+        if exc.key is not None:
+            raise
+        raise ConfigError("base", exc.message) from None
 
 
 @dataclass
@@ -254,13 +234,13 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSweep:
 
 def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
     if not isinstance(data, Mapping):
-        raise ConfigError(None, f"sweep file {str(path)!r} must hold a mapping, got {_type_name(data)}")
+        raise ConfigError(None, f"sweep file {str(path)!r} must hold a mapping, got {type_name(data)}")
     for name in data:
         if name not in TOP_KEYS:
             raise unknown_key_error(str(name), TOP_KEYS)
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError("name", f"expected a non-empty string, got {_type_name(name)} {name!r}")
+        raise ConfigError("name", f"expected a non-empty string, got {type_name(name)} {name!r}")
     from mltrainer.naming import sanitize_component
 
     try:
@@ -269,7 +249,7 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
         raise ConfigError("name", str(exc)) from None
     base = data.get("base")
     if not isinstance(base, str) or not base.strip():
-        raise ConfigError("base", f"is required: the path of a training config, got {_type_name(base)} {base!r}")
+        raise ConfigError("base", f"is required: the path of a training config, got {type_name(base)} {base!r}")
     base_path = (path.parent / Path(base).expanduser()).resolve()
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
@@ -277,7 +257,7 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
 
     search = data.get("search")
     if not isinstance(search, Mapping):
-        raise ConfigError("search", f"is required: a mapping with space, trials, metric, ... got {_type_name(search)}")
+        raise ConfigError("search", f"is required: a mapping with space, trials, metric, ... got {type_name(search)}")
     for key in search:
         if key not in SEARCH_KEYS:
             raise unknown_key_error(f"search.{key}", SEARCH_KEYS)
@@ -294,7 +274,7 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
 
     trials = search.get("trials")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ConfigError("search.trials", f"expected an integer >= 1, got {_type_name(trials)} {trials!r}")
+        raise ConfigError("search.trials", f"expected an integer >= 1, got {type_name(trials)} {trials!r}")
     metric = search.get("metric", "eval_loss")
     if not isinstance(metric, str) or not metric.strip():
         raise ConfigError("search.metric", f"expected a metric name like eval_loss, got {metric!r}")
@@ -323,7 +303,7 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
         raise ConfigError("search.parallel", f"expected an integer >= 1, got {parallel!r}")
     seed = search.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError("search.seed", f"expected an integer, got {_type_name(seed)} {seed!r}")
+        raise ConfigError("search.seed", f"expected an integer, got {type_name(seed)} {seed!r}")
     ray_address = search.get("ray_address")
     if ray_address is not None:
         if backend != "ray":
