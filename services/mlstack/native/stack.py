@@ -102,6 +102,8 @@ class Stack:
             DB_PORT=str(db_port),
             S3_BACKEND=pick(s.S3_BACKEND, "seaweedfs"),
             S3_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
+            # Every client of the native stack is on this host, so it reaches S3 where the server does.
+            S3_PUBLIC_ENDPOINT_URL=pick(s.S3_PUBLIC_ENDPOINT_URL, f"http://127.0.0.1:{s3_port}"),
             S3_CREDENTIALS_FILE=str(self.state_dir / "credentials" / "mlflow-s3.json"),
             MLFLOW_HOST="127.0.0.1",
             MLFLOW_PORT=str(mlflow_port),
