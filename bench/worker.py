@@ -145,13 +145,22 @@ def train(a: dict) -> dict:
 # -- case 2: checkpoint transfer --------------------------------------------------------------------
 
 
+def _proxied_only(a: dict) -> None:
+    """MLflow's switches, which RunArtifacts honours too: no presigned S3 URLs, every byte via the server."""
+    if a.get("proxied"):
+        os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] = "false"
+        os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] = "false"
+
+
 def ours_upload(a: dict) -> dict:
     """The trainer's path: CheckpointUploader (manifest with sha256, dedup index, then files)."""
+    _proxied_only(a)
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
 
     from mltrainer.callback import snapshot
     from mltrainer.policy import CheckpointPolicy
+    from mltrainer.transfer import RunArtifacts
     from mltrainer.uploader import CheckpointUploader, UploadJob
 
     client = MlflowClient()
@@ -161,7 +170,7 @@ def ours_upload(a: dict) -> dict:
     repo = get_artifact_repository(run.info.artifact_uri)
     snap = snapshot(Path(a["src"]), Path(a["work"]) / f"snap-{os.getpid()}")
     started = time.perf_counter()
-    uploader = CheckpointUploader(repo, CheckpointPolicy())
+    uploader = CheckpointUploader(RunArtifacts(repo), CheckpointPolicy())
     uploader.submit(UploadJob(snap, Path(a["src"]), "checkpoints/step-1", 1, {}))
     uploader.close(progress=False)
     seconds = time.perf_counter() - started
@@ -172,19 +181,20 @@ def ours_upload(a: dict) -> dict:
 
 def ours_download(a: dict) -> dict:
     """The resume path: the manifest from the store, then resume.download_checkpoint (verifies sha256)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    _proxied_only(a)
     from mlflow.tracking import MlflowClient
 
     from mltrainer.resume import download_checkpoint
     from mltrainer.store import scan
+    from mltrainer.transfer import RunArtifacts
 
     _stop_tqdm()
     client = MlflowClient()
     started = time.perf_counter()
-    (found,) = [c for c in scan(client, a["run_id"]) if c.manifest is not None]
-    repo = get_artifact_repository(client.get_run(a["run_id"]).info.artifact_uri)
+    store = RunArtifacts.of_run(client, a["run_id"])
+    (found,) = [c for c in scan(client, a["run_id"], store=store) if c.manifest is not None]
     dest = Path(a["work"]) / f"dl-ours-{os.getpid()}"
-    problem = download_checkpoint(repo, found.manifest, dest)
+    problem = download_checkpoint(store, found.manifest, dest)
     seconds = time.perf_counter() - started
     if problem:
         raise RuntimeError(problem)

@@ -4,7 +4,7 @@ import os
 from datetime import datetime, timezone
 
 import pytest
-from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest, file_digest, verify_file
+from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest, file_digest
 
 STORE = "checkpoints/step-00000020"
 WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -115,20 +115,6 @@ def test_from_json_rejects_non_json():
         Manifest.from_json('{"format": 1,')
     with pytest.raises(ValueError, match="expected a JSON object"):
         Manifest.from_json("[]")
-
-
-def test_verify_file(ckpt, tmp_path):
-    m = build_manifest(ckpt, step=20, metrics={}, store_path=STORE, stored_digests={})
-    entry = {e.path: e for e in m.files}["model.safetensors"]
-    copy = tmp_path / "copy"
-    copy.write_bytes(b"weights" * 1000)
-    assert verify_file(entry, copy)
-    copy.write_bytes(b"weighty" * 1000)  # same size, different bytes
-    assert not verify_file(entry, copy)
-    copy.write_bytes(b"w")
-    assert not verify_file(entry, copy)
-    assert not verify_file(entry, tmp_path / "missing")
-    assert not verify_file(entry, tmp_path)  # a directory
 
 
 def test_file_digest_streams_large_files(tmp_path):

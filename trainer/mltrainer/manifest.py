@@ -227,14 +227,3 @@ def build_manifest(
         created_at=when.isoformat().replace("+00:00", "Z"),
         files=tuple(entries),
     )
-
-
-def verify_file(entry: ManifestEntry, local_path: Path) -> bool:
-    """Whether ``local_path`` holds exactly the bytes ``entry`` describes (size, then sha256)."""
-    try:
-        if os.path.getsize(local_path) != entry.size:
-            return False
-        digest, size = file_digest(Path(local_path))
-    except OSError:  # missing, unreadable, or a directory: not the file we expect
-        return False
-    return size == entry.size and digest == entry.sha256

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from mltrainer import tracking
 from mltrainer.manifest import MANIFEST_NAME, Manifest
 from mltrainer.naming import DEFAULT_ROOT
+from mltrainer.transfer import RunArtifacts
+
+SCAN_CONCURRENCY = 8
 
 
 @dataclass
@@ -18,29 +20,29 @@ class ScannedCheckpoint:
     problem: str | None = None
 
 
-def scan(client, run_id: str, root: str = DEFAULT_ROOT) -> list[ScannedCheckpoint]:
+def scan(client, run_id: str, root: str = DEFAULT_ROOT, store: RunArtifacts | None = None) -> list[ScannedCheckpoint]:
     """Every checkpoint folder of the run with its manifest, when it has a readable one.
 
     Folders with no objects left (some S3 servers keep empty "directories" after a delete) are
-    not checkpoints and are left out.
+    not checkpoints and are left out. Folders are read side by side: each costs two round trips
+    (its listing, its manifest), which for a run with many checkpoints added up to seconds.
     """
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in client.list_artifacts(run_id, root):
-            if not entry.is_dir:
-                continue
-            names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, entry.path)}
-            if not names:
-                continue
-            if MANIFEST_NAME not in names:
-                out.append(ScannedCheckpoint(entry.path, None, "no manifest: its upload never finished"))
-                continue
-            try:
-                local = client.download_artifacts(run_id, f"{entry.path}/{MANIFEST_NAME}", tmp)
-                out.append(ScannedCheckpoint(entry.path, Manifest.from_json(Path(local).read_bytes())))
-            except ValueError as exc:
-                out.append(ScannedCheckpoint(entry.path, None, f"unreadable manifest: {exc}"))
-    return out
+    store = store or RunArtifacts.of_run(client, run_id)
+
+    def read(path: str) -> ScannedCheckpoint | None:
+        names = {a.path.rsplit("/", 1)[-1] for a in store.list_artifacts(path)}
+        if not names:
+            return None
+        if MANIFEST_NAME not in names:
+            return ScannedCheckpoint(path, None, "no manifest: its upload never finished")
+        try:
+            return ScannedCheckpoint(path, Manifest.from_json(store.read_bytes(f"{path}/{MANIFEST_NAME}")))
+        except ValueError as exc:
+            return ScannedCheckpoint(path, None, f"unreadable manifest: {exc}")
+
+    folders = [entry.path for entry in store.list_artifacts(root) if entry.is_dir]
+    with ThreadPoolExecutor(max_workers=SCAN_CONCURRENCY, thread_name_prefix="scan") as pool:
+        return [found for found in pool.map(read, folders) if found is not None]
 
 
 @dataclass

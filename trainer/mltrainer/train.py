@@ -14,6 +14,7 @@ from pathlib import Path
 from mltrainer import tracking
 from mltrainer.config import TrainConfig
 from mltrainer.naming import run_dir_name
+from mltrainer.transfer import RunArtifacts
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
                 tracking.log_config_artifact(client, run_id, cfg)
             else:
                 client.update_run(run_id, status="RUNNING")
-            repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+            store = RunArtifacts(get_artifact_repository(client.get_run(run_id).info.artifact_uri))
 
             def on_stored(manifest, retention):
                 tags = {tracking.TAG_LATEST: retention.latest() or ""}
@@ -130,7 +131,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
                 tracking.set_tags(client, run_id, tags)
 
             uploader = CheckpointUploader(
-                repo, cfg.checkpoints, retention=point.retention if point else None,
+                store, cfg.checkpoints, retention=point.retention if point else None,
                 queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
                 backoff_seconds=cfg.upload.backoff_seconds, on_stored=on_stored,
             )

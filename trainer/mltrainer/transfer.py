@@ -1,0 +1,261 @@
+"""Moving checkpoint files between this machine and a run's artifact store.
+
+A large file goes straight to S3 when the server offers it (its ``/server-info`` says so when
+``S3_PUBLIC_ENDPOINT_URL`` is set): the server checks our permission and presigns one URL per
+part (upload) or one URL for the object (download); the parts or byte ranges then move in
+parallel, each on a kept-alive connection. Everything else, and everything when the server
+offers nothing, is one streamed request through the MLflow server.
+
+MLflow's own client has this feature too, but for files over 500 MB only, and its download reads
+each 100 MB range into memory 10 KB at a time: at 2 cores that ran at half of boto3's speed
+(bench/). Here a range is written to its place in the file as it arrives.
+
+The first failure of the direct path (an S3 endpoint this machine cannot reach, a URL signed for
+another host) is reported once, and from then on this process uses the server: a checkpoint is
+never lost because a shortcut did not work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+PART_SIZE = 8 * MiB  # S3 allows 5 MiB to 5 GiB; boto3's default too
+DIRECT_MIN_SIZE = 16 * MiB  # below this, the extra round trips of presigning cost more than parallelism saves
+CONCURRENCY = 8  # parts or ranges of one file in flight
+MAX_PARTS = 10_000  # S3's limit on parts of one multipart upload
+READ_SIZE = 1 * MiB
+TIMEOUT = (10, 300)  # connect, read (seconds)
+
+
+class DirectTransferError(RuntimeError):
+    """A part or range could not be moved straight to or from S3."""
+
+
+def part_ranges(size: int, part_size: int = PART_SIZE) -> list[tuple[int, int]]:
+    """(offset, length) of each part; parts grow past ``part_size`` to stay within S3's 10,000."""
+    part_size = max(part_size, -(-size // MAX_PARTS))
+    return [(start, min(part_size, size - start)) for start in range(0, size, part_size)] or [(0, 0)]
+
+
+class RunArtifacts:
+    """The artifact store of one run, as the uploader and resume use it."""
+
+    def __init__(self, repo, *, concurrency: int = CONCURRENCY, part_size: int = PART_SIZE,
+                 direct_min_size: int = DIRECT_MIN_SIZE):
+        self.repo = repo
+        self.concurrency = max(1, concurrency)
+        self.part_size = part_size
+        self.direct_min_size = direct_min_size
+        self._direct_disabled = False
+        self._sessions = threading.local()
+
+    @classmethod
+    def of_run(cls, client, run_id: str, **kwargs) -> RunArtifacts:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return cls(get_artifact_repository(client.get_run(run_id).info.artifact_uri), **kwargs)
+
+    # -- what the server offers ------------------------------------------------------------------
+
+    def _is_http(self) -> bool:
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+        return isinstance(self.repo, HttpArtifactRepository)
+
+    def direct_upload(self) -> bool:
+        # MlflowArtifactsRepository asks /server-info once and caches it; an explicit
+        # MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD=false still wins, as it does for MLflow's client.
+        check = getattr(self.repo, "_is_multipart_upload_enabled", None)
+        return not self._direct_disabled and self._is_http() and check is not None and bool(check())
+
+    def direct_download(self) -> bool:
+        check = getattr(self.repo, "_is_multipart_download_enabled", None)
+        return not self._direct_disabled and self._is_http() and check is not None and bool(check())
+
+    def _give_up_direct(self, what: str, exc: BaseException) -> None:
+        if not self._direct_disabled:
+            logger.warning(
+                "direct S3 transfer failed (%s: %s); this run now sends every byte through the MLflow "
+                "server. If S3 is unreachable from here, the server's S3_PUBLIC_ENDPOINT_URL should "
+                "name an address trainers reach (or be empty).", what, exc)
+        self._direct_disabled = True
+
+    def _session(self):
+        import requests
+
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = requests.Session()
+        return session
+
+    # -- upload ----------------------------------------------------------------------------------
+
+    def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
+        if not self._is_http():
+            self.repo.log_artifact(local_file, artifact_path)
+            return
+        if os.path.getsize(local_file) >= self.direct_min_size and self.direct_upload():
+            try:
+                self._upload_direct(local_file, artifact_path)
+                return
+            except Exception as exc:  # noqa: BLE001 - the proxied path below is the answer
+                self._give_up_direct(f"upload of {os.path.basename(local_file)}", exc)
+        self._upload_proxied(local_file, artifact_path)
+
+    def _upload_proxied(self, local_file: str, artifact_path: str | None) -> None:
+        from mlflow.utils.mime_type_utils import _guess_mime_type
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        name = os.path.basename(local_file)
+        endpoint = posixpath.join("/", *([artifact_path] if artifact_path else []), name)
+        with open(local_file, "rb") as body:
+            resp = http_request(self.repo._host_creds, endpoint, "PUT", data=body,
+                                extra_headers={"Content-Type": _guess_mime_type(name)})
+            augmented_raise_for_status(resp)
+
+    def _upload_direct(self, local_file: str, artifact_path: str | None) -> None:
+        from mlflow.entities.multipart_upload import MultipartUploadPart
+
+        ranges = part_ranges(os.path.getsize(local_file), self.part_size)
+        create = self.repo.create_multipart_upload(local_file, len(ranges), artifact_path)
+        fd = os.open(local_file, os.O_RDONLY)
+        try:
+            def put(index: int) -> MultipartUploadPart:
+                credential = create.credentials[index]
+                offset, length = ranges[index]
+                data = os.pread(fd, length, offset)
+                if len(data) != length:
+                    raise DirectTransferError(f"{local_file} changed size while uploading")
+                resp = self._session().put(credential.url, data=data, headers=credential.headers or {},
+                                           timeout=TIMEOUT)
+                if resp.status_code >= 300:
+                    raise DirectTransferError(f"part {credential.part_number}: HTTP {resp.status_code} "
+                                              f"{resp.text[:200]}")
+                return MultipartUploadPart(part_number=credential.part_number, etag=resp.headers.get("ETag", ""),
+                                           url=credential.url)
+
+            try:
+                with ThreadPoolExecutor(self.concurrency, thread_name_prefix="part-upload") as pool:
+                    parts = list(pool.map(put, range(len(ranges))))
+                self.repo.complete_multipart_upload(local_file, create.upload_id, parts, artifact_path)
+            except BaseException:
+                try:
+                    self.repo.abort_multipart_upload(local_file, create.upload_id, artifact_path)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    logger.debug("could not abort multipart upload %s", create.upload_id, exc_info=True)
+                raise
+        finally:
+            os.close(fd)
+
+    # -- download --------------------------------------------------------------------------------
+
+    def download_file(self, remote_path: str, local_path: Path, size: int | None = None) -> str:
+        """``remote_path`` (a file, relative to the run's root) to ``local_path``; returns its sha256.
+
+        The digest is taken while the bytes arrive, so checking a download against its manifest
+        costs no second pass over a file of gigabytes.
+        """
+        local_path = Path(local_path)
+        if not self._is_http():
+            return self._download_other(remote_path, local_path)
+        if (size is None or size >= self.direct_min_size) and self.direct_download():
+            try:
+                return self._download_direct(remote_path, local_path)
+            except Exception as exc:  # noqa: BLE001 - the proxied path below is the answer
+                self._give_up_direct(f"download of {remote_path}", exc)
+        return self._download_proxied(remote_path, local_path)
+
+    def _download_proxied(self, remote_path: str, local_path: Path) -> str:
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        digest = hashlib.sha256()
+        resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET", stream=True)
+        with resp:
+            augmented_raise_for_status(resp)
+            with open(local_path, "wb") as out:
+                for block in resp.iter_content(READ_SIZE):
+                    out.write(block)
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def _download_other(self, remote_path: str, local_path: Path) -> str:
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=local_path.parent) as tmp:
+            got = Path(self.repo.download_artifacts(remote_path, tmp))
+            shutil.move(str(got), local_path)
+        from mltrainer.manifest import file_digest
+
+        return file_digest(local_path)[0]
+
+    def _download_direct(self, remote_path: str, local_path: Path) -> str:
+        presigned = self.repo._get_presigned_download_url(remote_path)
+        size = presigned.file_size
+        if size is None:
+            raise DirectTransferError("the server did not say how large the file is")
+        ranges = part_ranges(size, self.part_size)
+        fd = os.open(local_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+
+            def get(span: tuple[int, int]) -> None:
+                offset, length = span
+                if length == 0:
+                    return
+                headers = {**(presigned.headers or {}), "Range": f"bytes={offset}-{offset + length - 1}"}
+                with self._session().get(presigned.url, headers=headers, stream=True, timeout=TIMEOUT) as resp:
+                    if resp.status_code not in (200, 206):
+                        raise DirectTransferError(f"bytes {offset}+{length}: HTTP {resp.status_code}")
+                    if resp.status_code == 200 and length != size:
+                        raise DirectTransferError("the S3 server ignored the Range header")
+                    at = offset
+                    for block in resp.raw.stream(READ_SIZE, decode_content=False):
+                        os.pwrite(fd, block, at)
+                        at += len(block)
+                    if at != offset + length:
+                        raise DirectTransferError(f"bytes {offset}+{length}: got {at - offset}")
+
+            # Ranges finish in any order; map() hands them back in file order, so each one is
+            # hashed (from the page cache) while the ones after it are still downloading.
+            digest = hashlib.sha256()
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="range-download") as pool:
+                for (offset, length), _ in zip(ranges, pool.map(get, ranges)):
+                    for at in range(offset, offset + length, READ_SIZE):
+                        digest.update(os.pread(fd, min(READ_SIZE, offset + length - at), at))
+        except BaseException:
+            os.close(fd)
+            local_path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return digest.hexdigest()
+
+    def list_artifacts(self, path: str | None = None):
+        return self.repo.list_artifacts(path)
+
+    def read_bytes(self, remote_path: str) -> bytes:
+        """A small file (a manifest) into memory: one request, no temporary file."""
+        if not self._is_http():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return Path(self.repo.download_artifacts(remote_path, tmp)).read_bytes()
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET")
+        augmented_raise_for_status(resp)
+        return resp.content
+
+    # -- delete ----------------------------------------------------------------------------------
+
+    def delete_artifacts(self, artifact_path: str | None = None) -> None:
+        self.repo.delete_artifacts(artifact_path)
