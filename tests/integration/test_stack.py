@@ -377,3 +377,28 @@ def test_status_cli_prints_tracking_uri(native_stack, tmp_path):
     assert f"Tracking URI: {native_stack.uri}" in proc.stdout
     for service in SERVICES:
         assert any(line.split()[:2] == [service, "running"] for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_run_writes_need_permission_on_the_runs_experiment(native_stack):
+    """The auth check looks a run's experiment up with a narrow query (mlstack.mlflow_app); it must
+    still deny what MLflow denies and allow what it allows."""
+    admin, trainer = native_stack.admin_auth, native_stack.trainer_auth
+    resp = requests.post(api(native_stack, "experiments/create"), json={"name": f"owned-{uuid.uuid4().hex[:8]}"},
+                         auth=admin, timeout=10)
+    exp_id = resp.json()["experiment_id"]
+    run_id = requests.post(api(native_stack, "runs/create"), json={"experiment_id": exp_id}, auth=admin,
+                           timeout=10).json()["run"]["info"]["run_id"]
+    batch = {"run_id": run_id, "metrics": [{"key": "loss", "value": 1.0, "timestamp": 0, "step": 1}]}
+
+    def log_batch(body):
+        return requests.post(api(native_stack, "runs/log-batch"), json=body, auth=trainer, timeout=10)
+
+    assert log_batch(batch).status_code == 403  # default permission is READ
+    assert log_batch({**batch, "run_id": uuid.uuid4().hex}).status_code == 403  # unknown run: denied, no 404 oracle
+    resp = requests.post(f"{native_stack.uri}/api/3.0/mlflow/users/permissions/grant",
+                         json={"username": trainer[0], "resource_type": "experiment", "resource_id": exp_id,
+                               "permission": "EDIT"}, auth=admin, timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert log_batch(batch).status_code == 200
+    got = requests.get(api(native_stack, "runs/get"), params={"run_id": run_id}, auth=trainer, timeout=10)
+    assert got.json()["run"]["data"]["metrics"][0]["value"] == 1.0
