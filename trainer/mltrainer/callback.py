@@ -86,6 +86,10 @@ class StoreCheckpointsCallback(TrainerCallback):
             logger.warning("no checkpoint folder at %s after a save; nothing to upload", local)
             return
         store_path = checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch, metrics=metrics)
+        # Metrics are sent in buffered batches: get those up to this step stored before the
+        # checkpoint can become complete, or a crash could leave a resumable checkpoint whose
+        # last steps are missing from the history for good (resume does not redo them).
+        tracking.flush_metrics()
         snap = snapshot(local, self.snapshot_root / f"step-{step}")
         waited = self.uploader.submit(UploadJob(snap, local, store_path, step, metrics))
         if waited > 0:

@@ -172,6 +172,19 @@ def numeric_metrics(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def buffer_metrics(seconds: int) -> None:
+    """Have MLflow's async logger send what queued up over ``seconds`` as one request (0: each call)."""
+    if seconds > 0:
+        os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = str(seconds)
+    else:
+        os.environ.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
+
+
+def flush_metrics() -> None:
+    """Block until every metric logged so far is stored."""
+    mlflow.flush_async_logging()
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Asynchronous: the training loop never waits on this HTTP call."""
     if not metrics:

@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
             )
             if point is not None:
                 uploader.adopt(point.manifests)
+        tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
         callback = StoreCheckpointsCallback(
             client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
             snapshot_root=run_dir / ".upload-snapshots", is_main=main,
