@@ -53,8 +53,9 @@ TINY = REPO / "configs" / "models" / "tiny-bert"
 
 class Bench:
     def __init__(self, args, mlflow_env: dict[str, str], s3: dict[str, str] | None, mlflow_pid: int | None,
-                 work: Path):
+                 work: Path, stack_pids: list[int] | None = None):
         self.args, self.mlflow_env, self.s3, self.mlflow_pid, self.work = args, mlflow_env, s3, mlflow_pid, work
+        self.stack_pids = stack_pids or []  # PostgreSQL, S3, MLflow: whose CPU the tracked runs also cost
 
     def client_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "S3_", "BENCH_S3"))}
@@ -75,6 +76,7 @@ class Bench:
         sampler = RssSampler(self.mlflow_pid) if sample_rss and self.mlflow_pid else None
         if sampler:
             sampler.start()
+        stack_cpu = tree_cpu_seconds(self.stack_pids)
         proc = subprocess.run([sys.executable, str(HERE / "worker.py"), kind, json.dumps(payload), str(out)],
                               env=env, capture_output=True, text=True)
         if sampler:
@@ -83,6 +85,8 @@ class Bench:
             raise RuntimeError(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads(out.read_text())
         out.unlink()
+        if self.stack_pids:
+            result["stack_cpu_s"] = round(tree_cpu_seconds(self.stack_pids) - stack_cpu, 2)
         if sampler:
             result["server_rss_growth_mib"] = sampler.growth_mib()
         return result
@@ -126,6 +130,24 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes and all their descendants so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
 def summary(values: list[float], digits: int = 3) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -165,7 +187,8 @@ def model_choice(name: str) -> dict:
 def case_train(b: Bench) -> dict:
     a = b.args
     payload = {**model_choice(a.train_model), "steps": a.train_steps, "save_every": a.save_every,
-               "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work)}
+               "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work),
+               "torch_threads": a.torch_threads}
     runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": []}
     for rep in range(a.repeat):
         for mode in runs:
@@ -176,11 +199,14 @@ def case_train(b: Bench) -> dict:
             runs[mode].append(r)
     walls = {m: summary([r["wall_s"] for r in rs]) for m, rs in runs.items()}
     steps = {m: summary([r["median_step_s"] for r in rs], 4) for m, rs in runs.items()}
+    cpu = {m: {"trainer": summary([r["cpu_s"] for r in rs], 2), "stack": summary([r.get("stack_cpu_s") for r in rs], 2)}
+           for m, rs in runs.items()}
     ours = runs["ours"]
     return {
         "model": a.train_model, "steps": a.train_steps, "save_every": a.save_every,
-        "checkpoint_mb": round(ours[0]["checkpoint_bytes"] / MB, 1),
-        "wall_s": walls, "median_step_s": steps,
+        "torch_threads": a.torch_threads, "checkpoint_mb": round(ours[0]["checkpoint_bytes"] / MB, 1),
+        "wall_s": walls, "median_step_s": steps, "cpu_s": cpu,
+        "final_wait_s": summary([r["final_wait_s"] for r in ours], 2),
         "ratio_stock_vs_none": ratio(walls["stock"], walls["none"]),
         "ratio_ours_vs_none": ratio(walls["ours"], walls["none"]),
         "manifests_equal_saves": all(r["manifests"] == r["expected_saves"] for r in ours),
@@ -409,12 +435,19 @@ def table(r: dict) -> str:
     rows = [("case", "measure", "ours", "baseline", "ratio")]
     if t := r["cases"].get("train"):
         rows += [
-            ("1 training", f"wall s, {t['steps']} steps, save/{t['save_every']} ({t['checkpoint_mb']} MB ckpt)",
+            ("1 training", f"wall s, {t['steps']} steps, save/{t['save_every']} ({t['checkpoint_mb']} MB ckpt), "
+                           f"{t.get('torch_threads') or 'all'} torch thread(s)",
              fmt(t["wall_s"]["ours"], " s"), "none " + fmt(t["wall_s"]["none"], " s"),
              rx(t["ratio_ours_vs_none"], "<= 1.05x")),
             ("", "stock MLflowCallback (artifacts)", fmt(t["wall_s"]["stock"], " s"), "none", rx(t["ratio_stock_vs_none"])),
             ("", "manifests == saves", str(t["manifests_equal_saves"]), f"{t['expected_saves']} saves", ""),
+            ("", "  waiting for the last upload at the end", fmt(t["final_wait_s"], " s"), "", ""),
         ]
+        if t["cpu_s"]["ours"]["stack"]:
+            c = t["cpu_s"]
+            rows += [("", "  CPU-s of the training process", fmt(c["ours"]["trainer"], ""), "none " + fmt(c["none"]["trainer"], ""), ""),
+                     ("", "  CPU-s of the stack (PG, S3, MLflow) meanwhile", fmt(c["ours"]["stack"], ""),
+                      "none " + fmt(c["none"]["stack"], ""), "")]
     if x := r["cases"].get("transfer"):
         for kind in ("upload", "download"):
             m = x[kind]["mb_per_s"]
@@ -465,8 +498,11 @@ def parse(argv=None):
     p.add_argument("--repeat", type=int, help="repetitions of each case (default 3; smoke 1)")
     p.add_argument("--transfer-mb", type=int, help="checkpoint size for the transfer case, MB (default 1000; smoke 20)")
     p.add_argument("--train-model", help="tiny (128 hidden, 4 layers; default), tiny32 (smoke) or minilm")
-    p.add_argument("--train-steps", type=int, help="training steps (default 40; smoke 4)")
-    p.add_argument("--save-every", type=int, help="save every N steps (default 10; smoke 2)")
+    p.add_argument("--train-steps", type=int, help="training steps (default 400; smoke 4)")
+    p.add_argument("--save-every", type=int, help="save every N steps (default 100; smoke 2)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads of the training case (default 1: the other core stays free for uploads "
+                        "and the stack, as a GPU trainer's host cores are; use all cores for the CPU-bound worst case)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--resume-model", help="minilm (default when .models/ has it) or tiny")
@@ -480,8 +516,8 @@ def parse(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     a = p.parse_args(argv)
     smoke = a.smoke
-    defaults = dict(repeat=(1, 3), transfer_mb=(20, 1000), train_model=("tiny32", "tiny"), train_steps=(4, 40),
-                    save_every=(2, 10), metric_steps=(50, 2000), metric_requests=(5, 100), dedup_saves=(3, 10),
+    defaults = dict(repeat=(1, 3), transfer_mb=(20, 1000), train_model=("tiny32", "tiny"), train_steps=(4, 400),
+                    save_every=(2, 100), metric_steps=(50, 2000), metric_requests=(5, 100), dedup_saves=(3, 10),
                     resume_model=("tiny32", "minilm" if MINILM.is_dir() else "tiny"))
     for k, (small, full) in defaults.items():
         if getattr(a, k) is None:
@@ -513,6 +549,7 @@ def main(argv=None) -> int:
             names = ("BENCH_S3_ENDPOINT", "BENCH_S3_KEY", "BENCH_S3_SECRET", "BENCH_S3_BUCKET")
             s3 = {k: os.environ[k] for k in names} if all(os.environ.get(k) for k in names) else None
             pid = a.mlflow_pid
+            stack_pids = [pid] if pid else []
             result["stack"] = "external"
         else:
             from mlstack.native.processes import free_port
@@ -530,9 +567,10 @@ def main(argv=None) -> int:
             s3 = {"BENCH_S3_ENDPOINT": env["S3_ENDPOINT_URL"], "BENCH_S3_KEY": creds["access_key"],
                   "BENCH_S3_SECRET": creds["secret_key"], "BENCH_S3_BUCKET": env["S3_BUCKET"]}
             pid = stack.handle("mlflow").pid
+            stack_pids = [h.pid for h in (stack.handle(name) for name in ("postgres", "s3", "mlflow")) if h]
             info["mlflow_workers"] = int(env["MLFLOW_WORKERS"])
             result["stack"] = "native (own)"
-        b = Bench(a, mlflow_env, s3, pid, work)
+        b = Bench(a, mlflow_env, s3, pid, work, stack_pids)
         for case in a.cases:
             log(f"case {case}")
             t = time.perf_counter()

@@ -58,6 +58,13 @@ def _train_config(a: dict):
     return load_config(str(CONFIG), train_sets(a))
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
 def train(a: dict) -> dict:
     """mode none: plain Trainer; stock: transformers' MLflowCallback with artifacts; ours: our callback."""
     _stop_tqdm()
@@ -90,12 +97,14 @@ def train(a: dict) -> dict:
 
         from mltrainer import tracking
         from mltrainer.callback import StoreCheckpointsCallback
+        from mltrainer.transfer import RunArtifacts
         from mltrainer.uploader import CheckpointUploader
 
         client = MlflowClient()
         run_id = tracking.create_run(client, cfg, f"bench-{mode}")
-        repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
-        uploader = CheckpointUploader(repo, cfg.checkpoints, queue_size=cfg.upload.queue_size)
+        store = RunArtifacts(get_artifact_repository(client.get_run(run_id).info.artifact_uri))
+        uploader = CheckpointUploader(store, cfg.checkpoints, queue_size=cfg.upload.queue_size)
+        tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
         callbacks.append(StoreCheckpointsCallback(client=client, run_id=run_id, policy=cfg.checkpoints,
                                                   uploader=uploader, snapshot_root=out_dir / ".upload-snapshots",
                                                   is_main=True))
@@ -113,10 +122,11 @@ def train(a: dict) -> dict:
             step_times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(StepClock())
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _cpu_seconds()
     trainer.train()  # ours: on_train_end drains the upload queue, so every checkpoint is stored
     wall = time.perf_counter() - started
     result = {"mode": mode, "wall_s": wall, "steps": trainer.state.global_step,
+              "cpu_s": round(_cpu_seconds() - cpu_before, 2),
               "median_step_s": statistics.median(step_times) if step_times else None,
               "saves": len([p for p in out_dir.glob("checkpoint-*") if p.is_dir()]),
               "expected_saves": a["steps"] // a["save_every"]}
@@ -129,7 +139,7 @@ def train(a: dict) -> dict:
         complete = [c for c in scan(client, run_id) if c.manifest is not None]
         sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
                  for p in out_dir.glob("checkpoint-*") if p.is_dir()]
-        result.update(run_id=run_id, manifests=len(complete), uploaded_bytes=uploader.stats.uploaded_bytes,
+        result.update(run_id=run_id, manifests=len(complete), final_wait_s=round(uploader.stats.final_wait_s, 3), uploaded_bytes=uploader.stats.uploaded_bytes,
                       deduplicated_bytes=uploader.stats.deduplicated_bytes, folder_bytes=sum(sizes),
                       checkpoint_bytes=max(sizes) if sizes else 0, queue_waits=uploader.stats.waits)
         client.set_terminated(run_id, "FINISHED")

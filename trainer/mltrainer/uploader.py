@@ -63,7 +63,8 @@ class UploadStats:
     uploaded_bytes: int = 0
     deduplicated_bytes: int = 0
     checkpoints: int = 0
-    waits: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # seconds training waited on a full queue, per save
+    final_wait_s: float = 0.0  # seconds close() waited for the uploads still queued or running
 
 
 _STOP = object()
@@ -178,6 +179,7 @@ class CheckpointUploader:
 
     def close(self, progress: bool = True) -> None:
         """Drain the queue (with a progress bar), stop the worker, raise every failure."""
+        started = time.perf_counter()
         total = self._queue.unfinished_tasks
         bar = None
         if progress and total:
@@ -185,12 +187,13 @@ class CheckpointUploader:
 
             bar = tqdm(total=total, desc="Uploading checkpoints", unit="ckpt")
         while self._queue.unfinished_tasks:
-            time.sleep(0.05)
+            time.sleep(0.01)
             done = total - self._queue.unfinished_tasks
             if bar is not None and done > bar.n:
                 bar.update(done - bar.n)
         if bar is not None:
             bar.close()
+        self.stats.final_wait_s = time.perf_counter() - started
         self._queue.put(_STOP)
         self._thread.join()
         with self._lock:
