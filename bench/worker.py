@@ -92,7 +92,6 @@ def train(a: dict) -> dict:
     prepared = prepare(cfg)
     callbacks, uploader, client, run_id = [], None, None, None
     if mode == "ours":
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.tracking import MlflowClient
 
         from mltrainer import tracking
@@ -102,7 +101,7 @@ def train(a: dict) -> dict:
 
         client = MlflowClient()
         run_id = tracking.create_run(client, cfg, f"bench-{mode}")
-        store = RunArtifacts(get_artifact_repository(client.get_run(run_id).info.artifact_uri))
+        store = RunArtifacts.of_run(client, run_id)
         uploader = CheckpointUploader(store, cfg.checkpoints, queue_size=cfg.upload.queue_size)
         tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
         callbacks.append(StoreCheckpointsCallback(client=client, run_id=run_id, policy=cfg.checkpoints,
@@ -165,7 +164,6 @@ def _proxied_only(a: dict) -> None:
 def ours_upload(a: dict) -> dict:
     """The trainer's path: CheckpointUploader (manifest with sha256, dedup index, then files)."""
     _proxied_only(a)
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
 
     from mltrainer.callback import snapshot
@@ -177,10 +175,10 @@ def ours_upload(a: dict) -> dict:
     exp = client.get_experiment_by_name("bench-transfer")
     exp_id = exp.experiment_id if exp else client.create_experiment("bench-transfer")
     run = client.create_run(exp_id, run_name="bench-upload")
-    repo = get_artifact_repository(run.info.artifact_uri)
+    store = RunArtifacts.for_artifact_uri(run.info.artifact_uri)
     snap = snapshot(Path(a["src"]), Path(a["work"]) / f"snap-{os.getpid()}")
     started = time.perf_counter()
-    uploader = CheckpointUploader(RunArtifacts(repo), CheckpointPolicy())
+    uploader = CheckpointUploader(store, CheckpointPolicy())
     uploader.submit(UploadJob(snap, Path(a["src"]), "checkpoints/step-1", 1, {}))
     uploader.close(progress=False)
     seconds = time.perf_counter() - started

@@ -132,12 +132,10 @@ def _pick(candidates: list[Manifest], which: str | None) -> list[Manifest]:
 
 
 def prepare_resume(client, cfg: TrainConfig, ref: str, which: str | None = None) -> ResumePoint:
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     run = resolve_run(client, cfg, ref)
     check_compatible(run, cfg)
     run_id = run.info.run_id
-    store = RunArtifacts(get_artifact_repository(run.info.artifact_uri))
+    store = RunArtifacts.for_artifact_uri(run.info.artifact_uri)
     found = scan(client, run_id, store=store)
     for c in found:
         if c.manifest is None:
@@ -161,18 +159,14 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, which: str | None = None)
     for m in sorted(complete, key=lambda m: m.step):
         retention.record_stored(m.store_path, m.step, m.metrics)
     return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, complete, retention,
-                       last_logged_steps(client, run))
+                       last_logged_steps(run))
 
 
-def last_logged_steps(client, run) -> dict[str, int]:
+def last_logged_steps(run) -> dict[str, int]:
     """The highest step logged of each metric, so a resumed run logs each step once.
 
     The run's latest value of a metric is the one at its highest step (MLflow orders its
     "latest" by step first), so the run we already fetched holds the answer; asking the
     history of each key instead cost a round trip per metric (~0.5 s of a MiniLM resume).
     """
-    latest = getattr(run.data, "_metric_objs", None)
-    if latest is not None:
-        return {m.key: m.step for m in latest}
-    return {key: max((h.step for h in client.get_metric_history(run.info.run_id, key)), default=-1)
-            for key in run.data.metrics}
+    return {m.key: m.step for m in run.data._metric_objs}  # the Metric entities behind run.data.metrics

@@ -71,7 +71,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
 
     ``parent_run_id`` makes the run a nested child (sweep trials, cross-validation folds).
     """
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
     from transformers import Trainer
 
@@ -122,7 +121,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
                 tracking.log_config_artifact(client, run_id, cfg)
             else:
                 client.update_run(run_id, status="RUNNING")
-            store = RunArtifacts(get_artifact_repository(client.get_run(run_id).info.artifact_uri))
+            store = RunArtifacts.of_run(client, run_id)
 
             def on_stored(manifest, retention):
                 tags = {tracking.TAG_LATEST: retention.latest() or ""}

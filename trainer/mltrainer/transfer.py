@@ -21,9 +21,13 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from mltrainer.manifest import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,11 @@ class RunArtifacts:
 
     def __init__(self, repo, *, concurrency: int = CONCURRENCY, part_size: int = PART_SIZE,
                  direct_min_size: int = DIRECT_MIN_SIZE):
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
         self.repo = repo
+        # Anything but the tracking server's HTTP store (a local file store) gets the repo's own calls.
+        self._http = isinstance(repo, HttpArtifactRepository)
         self.concurrency = max(1, concurrency)
         self.part_size = part_size
         self.direct_min_size = direct_min_size
@@ -59,27 +67,22 @@ class RunArtifacts:
         self._sessions = threading.local()
 
     @classmethod
-    def of_run(cls, client, run_id: str, **kwargs) -> RunArtifacts:
+    def for_artifact_uri(cls, artifact_uri: str, **kwargs) -> RunArtifacts:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        return cls(get_artifact_repository(client.get_run(run_id).info.artifact_uri), **kwargs)
+        return cls(get_artifact_repository(artifact_uri), **kwargs)
+
+    @classmethod
+    def of_run(cls, client, run_id: str, **kwargs) -> RunArtifacts:
+        return cls.for_artifact_uri(client.get_run(run_id).info.artifact_uri, **kwargs)
 
     # -- what the server offers ------------------------------------------------------------------
 
-    def _is_http(self) -> bool:
-        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-
-        return isinstance(self.repo, HttpArtifactRepository)
-
-    def direct_upload(self) -> bool:
-        # MlflowArtifactsRepository asks /server-info once and caches it; an explicit
-        # MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD=false still wins, as it does for MLflow's client.
-        check = getattr(self.repo, "_is_multipart_upload_enabled", None)
-        return not self._direct_disabled and self._is_http() and check is not None and bool(check())
-
-    def direct_download(self) -> bool:
-        check = getattr(self.repo, "_is_multipart_download_enabled", None)
-        return not self._direct_disabled and self._is_http() and check is not None and bool(check())
+    def _direct_offered(self, capability: str) -> bool:
+        # MlflowArtifactsRepository asks /server-info once and caches the answer; an explicit
+        # MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD/DOWNLOAD=false still wins, as for MLflow's client.
+        check = getattr(self.repo, f"_is_multipart_{capability}_enabled", None)
+        return self._http and not self._direct_disabled and check is not None and bool(check())
 
     def _give_up_direct(self, what: str, exc: BaseException) -> None:
         if not self._direct_disabled:
@@ -100,10 +103,10 @@ class RunArtifacts:
     # -- upload ----------------------------------------------------------------------------------
 
     def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
-        if not self._is_http():
+        if not self._http:
             self.repo.log_artifact(local_file, artifact_path)
             return
-        if os.path.getsize(local_file) >= self.direct_min_size and self.direct_upload():
+        if os.path.getsize(local_file) >= self.direct_min_size and self._direct_offered("upload"):
             try:
                 self._upload_direct(local_file, artifact_path)
                 return
@@ -165,9 +168,9 @@ class RunArtifacts:
         costs no second pass over a file of gigabytes.
         """
         local_path = Path(local_path)
-        if not self._is_http():
+        if not self._http:
             return self._download_other(remote_path, local_path)
-        if (size is None or size >= self.direct_min_size) and self.direct_download():
+        if (size is None or size >= self.direct_min_size) and self._direct_offered("download"):
             try:
                 return self._download_direct(remote_path, local_path)
             except Exception as exc:  # noqa: BLE001 - the proxied path below is the answer
@@ -188,14 +191,9 @@ class RunArtifacts:
         return digest.hexdigest()
 
     def _download_other(self, remote_path: str, local_path: Path) -> str:
-        import shutil
-        import tempfile
-
         with tempfile.TemporaryDirectory(dir=local_path.parent) as tmp:
             got = Path(self.repo.download_artifacts(remote_path, tmp))
             shutil.move(str(got), local_path)
-        from mltrainer.manifest import file_digest
-
         return file_digest(local_path)[0]
 
     def _download_direct(self, remote_path: str, local_path: Path) -> str:
@@ -244,9 +242,7 @@ class RunArtifacts:
 
     def read_bytes(self, remote_path: str) -> bytes:
         """A small file (a manifest) into memory: one request, no temporary file."""
-        if not self._is_http():
-            import tempfile
-
+        if not self._http:
             with tempfile.TemporaryDirectory() as tmp:
                 return Path(self.repo.download_artifacts(remote_path, tmp)).read_bytes()
         from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
