@@ -104,6 +104,13 @@ def test_search_errors(tmp_path, search, key):
     assert error_of(tmp_path, search).key == key
 
 
+def test_backend_only_keys(tmp_path):
+    assert "only applies to backend ray (backend is optuna)" in str(error_of(tmp_path, {"ray_address": "ray://x:1"}))
+    assert "expected a sqlite file path" in str(error_of(tmp_path, {"storage": " "}))
+    spec = load_sweep(sweep_file(tmp_path, {"storage": "study.db"})).spec
+    assert spec.storage == str((REPO / "study.db").resolve())
+
+
 def test_grid_size_and_top_level_errors(tmp_path):
     space = {"training.per_device_train_batch_size": {"type": "categorical", "choices": [8, 16]}}
     assert error_of(tmp_path, {"space": space, "algorithm": "grid", "trials": 3}).key == "search.trials"

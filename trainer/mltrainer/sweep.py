@@ -232,6 +232,18 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSweep:
         raise
 
 
+def _backend_string(search: dict, key: str, backend: str, applies_to: str, expected: str) -> str | None:
+    """An optional non-empty string of ``search`` that only one backend reads."""
+    value = search.get(key)
+    if value is None:
+        return None
+    if backend != applies_to:
+        raise ConfigError(f"search.{key}", f"only applies to backend {applies_to} (backend is {backend})")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"search.{key}", f"expected {expected}, got {value!r}")
+    return value
+
+
 def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
     if not isinstance(data, Mapping):
         raise ConfigError(None, f"sweep file {str(path)!r} must hold a mapping, got {type_name(data)}")
@@ -304,18 +316,8 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
     seed = search.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError("search.seed", f"expected an integer, got {type_name(seed)} {seed!r}")
-    ray_address = search.get("ray_address")
-    if ray_address is not None:
-        if backend != "ray":
-            raise ConfigError("search.ray_address", f"only applies to backend ray (backend is {backend})")
-        if not isinstance(ray_address, str) or not ray_address.strip():
-            raise ConfigError("search.ray_address", f"expected an address like ray://host:10001, got {ray_address!r}")
-    storage = search.get("storage")
-    if storage is not None:
-        if backend != "optuna":
-            raise ConfigError("search.storage", f"only applies to backend optuna (backend is {backend})")
-        if not isinstance(storage, str) or not storage.strip():
-            raise ConfigError("search.storage", f"expected a sqlite file path or a database URL, got {storage!r}")
+    ray_address = _backend_string(search, "ray_address", backend, "ray", "an address like ray://host:10001")
+    storage = _backend_string(search, "storage", backend, "optuna", "a sqlite file path or a database URL")
 
     # The base config, with the sweep's overrides then the command line's.
     base_data = load_base(base_path)
