@@ -61,6 +61,15 @@ def run_of(client, experiment: str) -> str:
     return wait_for(find, timeout=120, what=f"a run in experiment {experiment}", interval=0.5)
 
 
+def first_checkpoint_stored(stack, client, experiment: str) -> tuple[str, str]:
+    """Wait until the run's first checkpoint (step 4) is in the bucket; its run id and bucket prefix."""
+    run_id = run_of(client, experiment)
+    prefix = artifact_prefix(client, run_id)
+    wait_for(lambda: step_path(4) in stored_checkpoints(stack, prefix), timeout=180,
+             what="the first checkpoint in the store")
+    return run_id, prefix
+
+
 def local_steps(run_dir_parent, run_id: str) -> set[int]:
     return {int(p.name.split("-")[1]) for p in run_dir_parent.glob(f"*-{run_id}/checkpoint-*")}
 
@@ -71,10 +80,7 @@ def test_s3_outage_training_goes_on_and_pending_uploads_finish(native_stack, cli
     proc = start_train(native_stack, tmp_path, experiment, "training.max_steps=40", "upload.queue_size=10",
                        "upload.max_retries=8", "upload.backoff_seconds=1")
     try:
-        run_id = run_of(client, experiment)
-        prefix = artifact_prefix(client, run_id)
-        wait_for(lambda: step_path(4) in stored_checkpoints(native_stack, prefix), timeout=180,
-                 what="the first checkpoint in the store")
+        run_id, prefix = first_checkpoint_stored(native_stack, client, experiment)
         with s3_frozen(native_stack):
             stopped = time.monotonic()
             at_stop = max(local_steps(tmp_path, run_id))
@@ -112,10 +118,7 @@ def test_s3_never_comes_back_exit_4_lists_checkpoints_kept_locally(native_stack,
     proc = start_train(native_stack, tmp_path, experiment, "training.max_steps=40",
                        "upload.max_retries=1", "upload.backoff_seconds=0.2", env=env)
     try:
-        run_id = run_of(client, experiment)
-        prefix = artifact_prefix(client, run_id)
-        wait_for(lambda: step_path(4) in stored_checkpoints(native_stack, prefix), timeout=180,
-                 what="the first checkpoint in the store")
+        run_id, prefix = first_checkpoint_stored(native_stack, client, experiment)
         with s3_frozen(native_stack):
             proc.wait(timeout=300)
     finally:
