@@ -65,6 +65,7 @@ def test_load_valid_config(cfg_dir):
     assert isinstance(cfg.training["learning_rate"], float)
     assert cfg.checkpoints == CheckpointPolicy(save_last_k=2)
     assert (cfg.upload.queue_size, cfg.upload.max_retries, cfg.upload.backoff_seconds) == (2, 5, 1.0)
+    assert cfg.upload.background_parts == 1
     assert cfg.tracking.metrics_flush_seconds == 2
     assert cfg.output_root == "outputs" and cfg.registered_model is None and cfg.tracking.uri is None
     json.dumps(cfg.to_dict())  # plain data
@@ -137,6 +138,7 @@ def test_empty_or_non_mapping(cfg_dir, text):
         ("upload: {queue_sise: 3}\n", "upload.queue_sise", "did you mean queue_size?"),
         ("upload: {queue_size: true}\n", "upload.queue_size", "expected an integer, got bool True"),
         ("upload: {queue_size: 0}\n", "upload.queue_size", "must be >= 1, got 0"),
+        ("upload: {background_parts: 0}\n", "upload.background_parts", "must be >= 1, got 0"),
         ("tracking: {metrics_flush_seconds: -1}\n", "tracking.metrics_flush_seconds", "must be >= 0, got -1"),
         ("upload: {backoff_seconds: fast}\n", "upload.backoff_seconds", "expected a number, got str 'fast'"),
         ("output_root: 3\n", "output_root", "expected a non-empty string, got int 3"),

@@ -1,4 +1,7 @@
-from mltrainer.transfer import MAX_PARTS, MiB, PART_SIZE, part_ranges
+import threading
+import time
+
+from mltrainer.transfer import MAX_PARTS, MiB, PART_SIZE, PartLimit, part_ranges
 
 
 def covers(size: int, ranges: list[tuple[int, int]]) -> bool:
@@ -25,3 +28,33 @@ def test_parts_grow_to_stay_within_s3s_limit():
     ranges = part_ranges(size)
     assert len(ranges) <= MAX_PARTS
     assert covers(size, ranges)
+
+
+def test_part_limit_caps_parts_in_flight_and_raising_it_releases_the_waiting_ones():
+    limit = PartLimit(1)
+    in_flight, most = 0, 0
+    count = threading.Lock()
+    release = threading.Event()
+
+    def part() -> None:
+        nonlocal in_flight, most
+        with limit:
+            with count:
+                in_flight += 1
+                most = max(most, in_flight)
+            release.wait(5)
+            with count:
+                in_flight -= 1
+
+    threads = [threading.Thread(target=part) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    assert (in_flight, most) == (1, 1)  # five wait behind the one allowed
+    limit.set(4)
+    time.sleep(0.2)
+    assert in_flight == 4  # raised while they waited: three more start without any part ending
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert (in_flight, most, limit.limit) == (0, 4, 4)

@@ -15,6 +15,7 @@ import pytest
 
 from mltrainer.manifest import MANIFEST_NAME
 from mltrainer.policy import CheckpointPolicy
+from mltrainer.transfer import PartLimit
 from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
 
 KEEP_ALL = CheckpointPolicy.from_dict({})
@@ -192,3 +193,29 @@ def test_failure_at_submit_lists_queued_checkpoints_too(tmp_path):
     assert sorted(listed) == sorted(j.store_path for j in [*jobs, last])
     assert all(path.is_dir() for _, path, _ in raised.value.failures)
     assert store.manifests() == {}
+
+
+def test_parts_in_flight_are_few_while_training_keeps_up_and_all_once_it_waits(tmp_path):
+    limit = PartLimit(8)
+    gate = threading.Event()
+    seen: list[tuple[str, int]] = []  # (file stored, parts allowed while it went up)
+
+    class PacedStore(FakeStore):
+        def log_artifact(self, local_file, artifact_path=None):
+            seen.append((f"{artifact_path}/{Path(local_file).name}", limit.limit))
+            super().log_artifact(local_file, artifact_path)
+            gate.wait(5)  # the test decides when each file "finishes"
+
+    store = PacedStore()
+    uploader = CheckpointUploader(store, KEEP_ALL, part_limit=limit, background_parts=2)
+    uploader.submit(make_job(tmp_path, 1))
+    assert store.busy.wait(5)
+    assert limit.limit == 2  # one checkpoint at a time, training not waiting: a few parts
+    uploader.submit(make_job(tmp_path, 2))
+    assert limit.limit == 8  # a save queued behind the upload: hurry
+    gate.set()
+    uploader.close(progress=False)
+    assert limit.limit == 8  # the final drain: training waits for it
+    assert seen[0] == ("checkpoints/step-00000001/config.json", 2)
+    assert all(parts == 8 for path, parts in seen if "step-00000002" in path)
+    assert sorted(store.manifests()) == ["checkpoints/step-00000001", "checkpoints/step-00000002"]

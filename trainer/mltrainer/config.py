@@ -163,6 +163,7 @@ class UploadConfig:
     queue_size: int = 2
     max_retries: int = 5
     backoff_seconds: float = 1.0
+    background_parts: int = 1  # parts of a file in flight while training runs and uploads keep up
 
 
 @dataclass(frozen=True)
@@ -480,11 +481,12 @@ def _training(data: Any) -> dict[str, Any]:
 
 
 def _upload(data: Any) -> UploadConfig:
-    s = _Section(data, "upload", ["queue_size", "max_retries", "backoff_seconds"])
+    s = _Section(data, "upload", ["queue_size", "max_retries", "backoff_seconds", "background_parts"])
     return UploadConfig(
         queue_size=s.get_int("queue_size", 2, minimum=1),
         max_retries=s.get_int("max_retries", 5, minimum=0),
         backoff_seconds=s.get_float("backoff_seconds", 1.0, minimum=0.0),
+        background_parts=s.get_int("background_parts", 1, minimum=1),
     )
 
 

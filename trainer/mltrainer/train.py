@@ -133,6 +133,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
                 store, cfg.checkpoints, retention=point.retention if point else None,
                 queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
                 backoff_seconds=cfg.upload.backoff_seconds, on_stored=on_stored,
+                part_limit=store.part_limit, background_parts=cfg.upload.background_parts,
             )
             if point is not None:
                 uploader.adopt(point.manifests)

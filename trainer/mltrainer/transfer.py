@@ -50,6 +50,42 @@ def part_ranges(size: int, part_size: int = PART_SIZE) -> list[tuple[int, int]]:
     return [(start, min(part_size, size - start)) for start in range(0, size, part_size)] or [(0, 0)]
 
 
+class PartLimit:
+    """How many parts of one upload may be in flight right now; changeable while uploads run.
+
+    The uploader lowers it while training runs and keeps up: on a host whose cores also train
+    (or also serve S3), eight parts at once take those cores in bursts, one part at a time
+    spreads the same work over the time between saves. It raises it when training waits for
+    the uploads (the last checkpoint at the end, or a queue that filled up); raising it lets
+    the parts already queued start at once.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = max(1, limit)
+        self._active = 0
+        self._changed = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set(self, limit: int) -> None:
+        with self._changed:
+            self._limit = max(1, limit)
+            self._changed.notify_all()
+
+    def __enter__(self) -> PartLimit:
+        with self._changed:
+            self._changed.wait_for(lambda: self._active < self._limit)
+            self._active += 1
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        with self._changed:
+            self._active -= 1
+            self._changed.notify_all()
+
+
 class RunArtifacts:
     """The artifact store of one run, as the uploader and resume use it."""
 
@@ -61,6 +97,7 @@ class RunArtifacts:
         # Anything but the tracking server's HTTP store (a local file store) gets the repo's own calls.
         self._http = isinstance(repo, HttpArtifactRepository)
         self.concurrency = max(1, concurrency)
+        self.part_limit = PartLimit(self.concurrency)  # upload parts; downloads always use all
         self.part_size = part_size
         self.direct_min_size = direct_min_size
         self._direct_disabled = False
@@ -135,11 +172,12 @@ class RunArtifacts:
             def put(index: int) -> MultipartUploadPart:
                 credential = create.credentials[index]
                 offset, length = ranges[index]
-                data = os.pread(fd, length, offset)
-                if len(data) != length:
-                    raise DirectTransferError(f"{local_file} changed size while uploading")
-                resp = self._session().put(credential.url, data=data, headers=credential.headers or {},
-                                           timeout=TIMEOUT)
+                with self.part_limit:
+                    data = os.pread(fd, length, offset)
+                    if len(data) != length:
+                        raise DirectTransferError(f"{local_file} changed size while uploading")
+                    resp = self._session().put(credential.url, data=data, headers=credential.headers or {},
+                                               timeout=TIMEOUT)
                 if resp.status_code >= 300:
                     raise DirectTransferError(f"part {credential.part_number}: HTTP {resp.status_code} "
                                               f"{resp.text[:200]}")

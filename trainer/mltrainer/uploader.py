@@ -8,6 +8,9 @@
   Files byte-identical to one already stored in the run are not uploaded again: the manifest
   points at the stored copy. The digest index is updated only after a successful upload, so a
   failed upload is retried in full.
+- While training runs and the uploads keep up, each file goes up ``background_parts`` parts at
+  a time (given the store's ``PartLimit``), so uploads take the host's cores in small sips rather
+  than bursts; once training waits on them (``close``, or saves queueing up) every part goes.
 - Transient failures retry with exponential backoff. A checkpoint that still fails is kept on
   local disk and reported: the error is re-raised on the next ``submit`` and by ``close``.
 """
@@ -28,6 +31,7 @@ from typing import Any, Callable, Protocol
 
 from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest
 from mltrainer.policy import CheckpointPolicy, RetentionState
+from mltrainer.transfer import PartLimit
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,8 @@ class CheckpointUploader:
         backoff_seconds: float = 1.0,
         on_stored: Callable[[Manifest, RetentionState], None] | None = None,
         concurrency: int = 1,
+        part_limit: PartLimit | None = None,
+        background_parts: int = 1,
     ):
         self.store = store
         self.policy = policy
@@ -109,6 +115,10 @@ class CheckpointUploader:
         self.on_stored = on_stored
         self.concurrency = max(1, concurrency)
         self.stats = UploadStats()
+        self._part_limit = part_limit
+        self._all_parts = part_limit.limit if part_limit else 0
+        self.background_parts = max(1, background_parts)
+        self._closing = False
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._digests: dict[str, str] = {}  # sha256 -> store path of a stored object in this run
         self._manifests: dict[str, Manifest] = {}  # store path of checkpoint -> its manifest
@@ -139,8 +149,10 @@ class CheckpointUploader:
         started = time.monotonic()
         try:
             self._queue.put_nowait(job)
+            self._pace()
             return 0.0
         except queue.Full:
+            self._pace(hurry=True)
             logger.warning("upload queue full (%d pending): training waits for %s", self._queue.qsize(), job.store_path)
             self._queue.put(job)
             waited = time.monotonic() - started
@@ -180,6 +192,8 @@ class CheckpointUploader:
     def close(self, progress: bool = True) -> None:
         """Drain the queue (with a progress bar), stop the worker, raise every failure."""
         started = time.perf_counter()
+        self._closing = True
+        self._pace()
         total = self._queue.unfinished_tasks
         bar = None
         if progress and total:
@@ -201,6 +215,14 @@ class CheckpointUploader:
         if failures:
             raise UploadError(failures)
 
+    def _pace(self, hurry: bool = False) -> None:
+        """All parts in flight when training waits or will (closing, a save queued behind the
+        upload running now); ``background_parts`` otherwise."""
+        if self._part_limit is None:
+            return
+        hurry = hurry or self._closing or self._queue.qsize() > 0
+        self._part_limit.set(self._all_parts if hurry else self.background_parts)
+
     # -- worker side ---------------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -210,6 +232,7 @@ class CheckpointUploader:
             try:
                 if job is _STOP:
                     return
+                self._pace()
                 try:
                     self._store_checkpoint(job)
                     shutil.rmtree(job.snapshot, ignore_errors=True)
