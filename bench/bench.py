@@ -72,7 +72,7 @@ class Bench:
 
     def worker(self, kind: str, payload: dict, *, sample_rss: bool = False) -> dict:
         out = self.work / f"result-{kind}-{time.monotonic_ns()}.json"
-        env = self.s3_env() if kind.startswith("boto3") else self.client_env()
+        env = self.s3_env() if kind.startswith("boto3") or payload.get("mode") == "boto3" else self.client_env()
         sampler = RssSampler(self.mlflow_pid) if sample_rss and self.mlflow_pid else None
         if sampler:
             sampler.start()
@@ -189,7 +189,7 @@ def case_train(b: Bench) -> dict:
     payload = {**model_choice(a.train_model), "steps": a.train_steps, "save_every": a.save_every,
                "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work),
                "torch_threads": a.torch_threads}
-    runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": []}
+    runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
     for rep in range(a.repeat):
         for mode in runs:
             r = b.worker("train", {**payload, "mode": mode})
@@ -209,6 +209,8 @@ def case_train(b: Bench) -> dict:
         "final_wait_s": summary([r["final_wait_s"] for r in ours], 2),
         "ratio_stock_vs_none": ratio(walls["stock"], walls["none"]),
         "ratio_ours_vs_none": ratio(walls["ours"], walls["none"]),
+        "ratio_boto3_vs_none": ratio(walls["boto3"], walls["none"]) if "boto3" in walls else None,
+        "ratio_ours_vs_boto3": ratio(walls["ours"], walls["boto3"]) if "boto3" in walls else None,
         "manifests_equal_saves": all(r["manifests"] == r["expected_saves"] for r in ours),
         "manifests": [r["manifests"] for r in ours], "expected_saves": ours[0]["expected_saves"],
         "queue_waits_s": [sum(r["queue_waits"]) for r in ours],
@@ -440,6 +442,9 @@ def table(r: dict) -> str:
              fmt(t["wall_s"]["ours"], " s"), "none " + fmt(t["wall_s"]["none"], " s"),
              rx(t["ratio_ours_vs_none"], "<= 1.05x")),
             ("", "stock MLflowCallback (artifacts)", fmt(t["wall_s"]["stock"], " s"), "none", rx(t["ratio_stock_vs_none"])),
+            ("", "  the same saves by boto3 on a thread (no tracking)", fmt(t["wall_s"].get("boto3"), " s"), "none",
+             rx(t.get("ratio_boto3_vs_none"))),
+            ("", "  ours against that floor", "", "boto3 thread", rx(t.get("ratio_ours_vs_boto3"))),
             ("", "manifests == saves", str(t["manifests_equal_saves"]), f"{t['expected_saves']} saves", ""),
             ("", "  waiting for the last upload at the end", fmt(t["final_wait_s"], " s"), "", ""),
         ]

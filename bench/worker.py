@@ -65,8 +65,42 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _boto3_every_save():
+    """Each save's files to S3 with boto3 on a background thread, drained at the end of training.
+
+    No MLflow, no manifest, no hashing: what moving the same bytes into the same S3 server costs
+    on this host, the floor for any tracker that stores every checkpoint.
+    """
+    import queue
+    import threading
+
+    from transformers import TrainerCallback
+
+    s3, bucket = _s3(), os.environ["BENCH_S3_BUCKET"]
+    saves: queue.Queue = queue.Queue()
+
+    def upload() -> None:
+        while (folder := saves.get()) is not None:
+            for f in _files(folder):
+                s3.upload_file(str(f), bucket, f"bench-train/{os.getpid()}/{folder.name}/{f.relative_to(folder)}")
+            saves.task_done()
+
+    threading.Thread(target=upload, daemon=True).start()
+
+    class Boto3EverySave(TrainerCallback):
+        def on_save(self, args, state, control, **_k):
+            saves.put(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        def on_train_end(self, *_a, **_k):
+            saves.join()
+            saves.put(None)
+
+    return Boto3EverySave()
+
+
 def train(a: dict) -> dict:
-    """mode none: plain Trainer; stock: transformers' MLflowCallback with artifacts; ours: our callback."""
+    """mode none: plain Trainer; stock: transformers' MLflowCallback with artifacts; ours: our
+    callback; boto3: every save's files uploaded by boto3 on a thread (no tracking at all)."""
     _stop_tqdm()
     mode = a["mode"]
     if mode == "stock":
@@ -102,11 +136,14 @@ def train(a: dict) -> dict:
         client = MlflowClient()
         run_id = tracking.create_run(client, cfg, f"bench-{mode}")
         store = RunArtifacts.of_run(client, run_id)
-        uploader = CheckpointUploader(store, cfg.checkpoints, queue_size=cfg.upload.queue_size)
+        uploader = CheckpointUploader(store, cfg.checkpoints, queue_size=cfg.upload.queue_size,
+                                      part_limit=store.part_limit, background_parts=cfg.upload.background_parts)
         tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
         callbacks.append(StoreCheckpointsCallback(client=client, run_id=run_id, policy=cfg.checkpoints,
                                                   uploader=uploader, snapshot_root=out_dir / ".upload-snapshots",
                                                   is_main=True))
+    if mode == "boto3":
+        callbacks.append(_boto3_every_save())
     trainer = Trainer(model=prepared.model, args=args, train_dataset=prepared.train_dataset,
                       data_collator=prepared.data_collator, processing_class=prepared.tokenizer, callbacks=callbacks)
     step_times: list[float] = []
@@ -319,7 +356,7 @@ KINDS = {f.__name__.replace("_", "-"): f for f in
 def main() -> int:
     kind, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     logging.basicConfig(level=logging.WARNING)
-    if not kind.startswith("boto3"):
+    if not (kind.startswith("boto3") or args.get("mode") == "boto3"):
         leaked = [k for k in os.environ if k.startswith(("AWS_", "S3_", "BENCH_S3"))]
         assert not leaked, f"MLflow clients must not see S3 credentials: {leaked}"
     result = KINDS[kind](args)
