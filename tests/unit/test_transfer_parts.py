@@ -1,7 +1,7 @@
 import threading
 import time
 
-from mltrainer.transfer import MAX_PARTS, MiB, PART_SIZE, PartLimit, part_ranges
+from mltrainer.transfer import MAX_PARTS, MiB, PART_SIZE, InFlightLimit, part_ranges
 
 
 def covers(size: int, ranges: list[tuple[int, int]]) -> bool:
@@ -31,7 +31,7 @@ def test_parts_grow_to_stay_within_s3s_limit():
 
 
 def test_part_limit_caps_parts_in_flight_and_raising_it_releases_the_waiting_ones():
-    limit = PartLimit(1)
+    limit = InFlightLimit(1)
     in_flight, most = 0, 0
     count = threading.Lock()
     release = threading.Event()

@@ -15,7 +15,7 @@ import pytest
 
 from mltrainer.manifest import MANIFEST_NAME
 from mltrainer.policy import CheckpointPolicy
-from mltrainer.transfer import PartLimit
+from mltrainer.transfer import InFlightLimit
 from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
 
 KEEP_ALL = CheckpointPolicy.from_dict({})
@@ -117,7 +117,9 @@ def test_submit_blocks_only_when_the_queue_is_full_and_nothing_is_dropped(tmp_pa
 
 def test_transient_failures_are_retried_with_backoff(tmp_path):
     store = FakeStore(fail_times=2)
-    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=2, max_retries=3, backoff_seconds=0.1)
+    # One file at a time (close() would otherwise send both side by side), so the order of
+    # attempts is fixed.
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=2, max_retries=3, backoff_seconds=0.1, concurrency=1)
     started = time.monotonic()
     uploader.submit(make_job(tmp_path, 4))
     uploader.close(progress=False)
@@ -159,7 +161,7 @@ def test_failure_is_raised_at_next_submit_and_at_close_naming_the_checkpoint(tmp
 
 def test_store_never_comes_back_close_lists_every_checkpoint_kept_locally(tmp_path):
     store = FakeStore(always_fail=True)
-    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=4, max_retries=2, backoff_seconds=0.01)
+    uploader = CheckpointUploader(store, KEEP_ALL, queue_size=4, max_retries=2, backoff_seconds=0.01, concurrency=1)
     jobs = [make_job(tmp_path, s) for s in (4, 8, 12)]
     for job in jobs:
         uploader.submit(job)  # queued before the first failure is known: no raise yet
@@ -195,27 +197,44 @@ def test_failure_at_submit_lists_queued_checkpoints_too(tmp_path):
     assert store.manifests() == {}
 
 
-def test_parts_in_flight_are_few_while_training_keeps_up_and_all_once_it_waits(tmp_path):
-    limit = PartLimit(8)
+def test_transfers_are_few_while_training_keeps_up_and_all_at_once_when_it_waits(tmp_path):
+    limit = InFlightLimit(8)
     gate = threading.Event()
     seen: list[tuple[str, int]] = []  # (file stored, parts allowed while it went up)
+    in_flight, most_in_flight = {}, {}  # step folder -> files being stored now / at most
+    side_by_side = threading.Barrier(2, timeout=5)  # step 2's two new files must meet here
 
     class PacedStore(FakeStore):
         def log_artifact(self, local_file, artifact_path=None):
-            seen.append((f"{artifact_path}/{Path(local_file).name}", limit.limit))
+            with self.lock:
+                seen.append((f"{artifact_path}/{Path(local_file).name}", limit.limit))
+                in_flight[artifact_path] = in_flight.get(artifact_path, 0) + 1
+                most_in_flight[artifact_path] = max(most_in_flight.get(artifact_path, 0), in_flight[artifact_path])
+            if artifact_path.endswith("step-00000002") and Path(local_file).name != MANIFEST_NAME:
+                side_by_side.wait()  # breaks (and the upload fails) if they went one at a time
             super().log_artifact(local_file, artifact_path)
-            gate.wait(5)  # the test decides when each file "finishes"
+            gate.wait(5)  # the test decides when step 1's files "finish"
+            with self.lock:
+                in_flight[artifact_path] -= 1
 
     store = PacedStore()
-    uploader = CheckpointUploader(store, KEEP_ALL, part_limit=limit, background_parts=2)
-    uploader.submit(make_job(tmp_path, 1))
+    uploader = CheckpointUploader(store, KEEP_ALL, part_limit=limit, background_parts=2, concurrency=4)
+    first = make_job(tmp_path, 1)
+    (first.snapshot / "tokenizer.json").write_text("{}")
+    uploader.submit(first)
     assert store.busy.wait(5)
+    time.sleep(0.2)  # room for a second file to start, were that allowed
     assert limit.limit == 2  # one checkpoint at a time, training not waiting: a few parts
-    uploader.submit(make_job(tmp_path, 2))
+    assert most_in_flight["checkpoints/step-00000001"] == 1  # and one file at a time
+    second = make_job(tmp_path, 2)
+    (second.snapshot / "tokenizer.json").write_text('{"step": 2}')
+    uploader.submit(second)
     assert limit.limit == 8  # a save queued behind the upload: hurry
     gate.set()
     uploader.close(progress=False)
     assert limit.limit == 8  # the final drain: training waits for it
-    assert seen[0] == ("checkpoints/step-00000001/config.json", 2)
-    assert all(parts == 8 for path, parts in seen if "step-00000002" in path)
-    assert sorted(store.manifests()) == ["checkpoints/step-00000001", "checkpoints/step-00000002"]
+    step1, step2 = "checkpoints/step-00000001", "checkpoints/step-00000002"
+    assert seen[0][1] == 2  # step 1's first file: at the background pace
+    assert most_in_flight[step2] == 2  # model.safetensors and tokenizer.json at once (config.json: dedup)
+    assert all(parts == 8 for path, parts in seen if path.startswith(step2))
+    assert sorted(store.manifests()) == [step1, step2]

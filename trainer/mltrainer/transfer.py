@@ -50,14 +50,15 @@ def part_ranges(size: int, part_size: int = PART_SIZE) -> list[tuple[int, int]]:
     return [(start, min(part_size, size - start)) for start in range(0, size, part_size)] or [(0, 0)]
 
 
-class PartLimit:
-    """How many parts of one upload may be in flight right now; changeable while uploads run.
+class InFlightLimit:
+    """How many transfers (parts of a file, files of a checkpoint) may run at once; changeable
+    while they run.
 
     The uploader lowers it while training runs and keeps up: on a host whose cores also train
-    (or also serve S3), eight parts at once take those cores in bursts, one part at a time
-    spreads the same work over the time between saves. It raises it when training waits for
-    the uploads (the last checkpoint at the end, or a queue that filled up); raising it lets
-    the parts already queued start at once.
+    (or also serve S3), eight parts at once take those cores in bursts, one at a time spreads
+    the same work over the time between saves. It raises it when training waits for the
+    uploads (the last checkpoint at the end, or a queue that filled up); raising it lets the
+    transfers already waiting start at once.
     """
 
     def __init__(self, limit: int):
@@ -74,7 +75,7 @@ class PartLimit:
             self._limit = max(1, limit)
             self._changed.notify_all()
 
-    def __enter__(self) -> PartLimit:
+    def __enter__(self) -> InFlightLimit:
         with self._changed:
             self._changed.wait_for(lambda: self._active < self._limit)
             self._active += 1
@@ -97,7 +98,7 @@ class RunArtifacts:
         # Anything but the tracking server's HTTP store (a local file store) gets the repo's own calls.
         self._http = isinstance(repo, HttpArtifactRepository)
         self.concurrency = max(1, concurrency)
-        self.part_limit = PartLimit(self.concurrency)  # upload parts; downloads always use all
+        self.part_limit = InFlightLimit(self.concurrency)  # upload parts; downloads always use all
         self.part_size = part_size
         self.direct_min_size = direct_min_size
         self._direct_disabled = False

@@ -8,9 +8,10 @@
   Files byte-identical to one already stored in the run are not uploaded again: the manifest
   points at the stored copy. The digest index is updated only after a successful upload, so a
   failed upload is retried in full.
-- While training runs and the uploads keep up, each file goes up ``background_parts`` parts at
-  a time (given the store's ``PartLimit``), so uploads take the host's cores in small sips rather
-  than bursts; once training waits on them (``close``, or saves queueing up) every part goes.
+- While training runs and the uploads keep up, files go up one at a time and each
+  ``background_parts`` parts at a time (given the store's ``InFlightLimit``), so uploads take the
+  host's cores in small sips rather than bursts; once training waits on them (``close``, or
+  saves queueing up) ``concurrency`` files go side by side, each with all its parts.
 - Transient failures retry with exponential backoff. A checkpoint that still fails is kept on
   local disk and reported: the error is re-raised on the next ``submit`` and by ``close``.
 """
@@ -31,7 +32,7 @@ from typing import Any, Callable, Protocol
 
 from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest
 from mltrainer.policy import CheckpointPolicy, RetentionState
-from mltrainer.transfer import PartLimit
+from mltrainer.transfer import InFlightLimit
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class CheckpointUploader:
         max_retries: int = 5,
         backoff_seconds: float = 1.0,
         on_stored: Callable[[Manifest, RetentionState], None] | None = None,
-        concurrency: int = 1,
-        part_limit: PartLimit | None = None,
+        concurrency: int = 4,
+        part_limit: InFlightLimit | None = None,
         background_parts: int = 1,
     ):
         self.store = store
@@ -119,6 +120,7 @@ class CheckpointUploader:
         self._all_parts = part_limit.limit if part_limit else 0
         self.background_parts = max(1, background_parts)
         self._closing = False
+        self._file_limit = InFlightLimit(1)  # files of one checkpoint in flight
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._digests: dict[str, str] = {}  # sha256 -> store path of a stored object in this run
         self._manifests: dict[str, Manifest] = {}  # store path of checkpoint -> its manifest
@@ -216,12 +218,13 @@ class CheckpointUploader:
             raise UploadError(failures)
 
     def _pace(self, hurry: bool = False) -> None:
-        """All parts in flight when training waits or will (closing, a save queued behind the
-        upload running now); ``background_parts`` otherwise."""
-        if self._part_limit is None:
-            return
+        """Everything at once when training waits or will (closing, a save queued behind the
+        upload running now): ``concurrency`` files, all parts. Otherwise one file at a time,
+        ``background_parts`` parts at a time."""
         hurry = hurry or self._closing or self._queue.qsize() > 0
-        self._part_limit.set(self._all_parts if hurry else self.background_parts)
+        self._file_limit.set(self.concurrency if hurry else 1)
+        if self._part_limit is not None:
+            self._part_limit.set(self._all_parts if hurry else self.background_parts)
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -263,13 +266,15 @@ class CheckpointUploader:
         def upload(entry) -> None:
             local = job.snapshot / entry.path
             parent = os.path.dirname(entry.stored_at)
-            self._retry(f"upload of {entry.stored_at}", lambda: self.store.log_artifact(str(local), parent))
+            with self._file_limit:
+                self._retry(f"upload of {entry.stored_at}", lambda: self.store.log_artifact(str(local), parent))
             with self._lock:
                 self.stats.uploaded_bytes += entry.size
 
-        # With ``concurrency`` > 1 the files of one checkpoint go up side by side (largest first):
-        # each request is a single stream through the server, and the small files' round trips
-        # hide behind the large ones. The manifest still goes last, after every file succeeded.
+        # When training waits, the files of one checkpoint go up side by side (largest first):
+        # the small files' round trips through the server (a dozen in a Trainer checkpoint,
+        # most of the final wait) hide behind the large ones. The manifest still goes last,
+        # after every file succeeded.
         to_upload = manifest.files_to_upload()
         if self.concurrency > 1 and len(to_upload) > 1:
             to_upload = sorted(to_upload, key=lambda e: e.size, reverse=True)
