@@ -190,8 +190,10 @@ def case_train(b: Bench) -> dict:
                "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work),
                "torch_threads": a.torch_threads}
     runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
+    modes = list(runs)
     for rep in range(a.repeat):
-        for mode in runs:
+        for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:  # no mode always first
+            os.sync()  # no writeback of the last run's checkpoints during this one
             r = b.worker("train", {**payload, "mode": mode})
             log(f"train rep {rep + 1}/{a.repeat} {mode}: {r['wall_s']:.2f} s" +
                 (f" ({r['manifests']} manifests / {r['expected_saves']} saves, waits {r['queue_waits']})"
@@ -240,34 +242,55 @@ def case_transfer(b: Bench) -> dict:
     up = {"ours": [], "proxied": [], "boto3": [], "local": []}
     down = {"ours": [], "proxied": [], "boto3": [], "local": []}
     rss_up, rss_down = [], []
-    uploaded_run = boto_prefix = None
-    for rep in range(a.repeat):
-        r = b.worker("ours-upload", {"src": str(src), "work": str(b.work)})
+    uploaded: dict[str, str] = {}  # what this repetition's uploads left for its downloads
+
+    def run(kind: str, payload: dict, *, sample_rss: bool = False) -> dict:
+        # Every transfer starts with no dirty pages left by the one before: otherwise whichever
+        # case runs right after the 1 GB uploads pays for their writeback.
+        os.sync()
+        return b.worker(kind, payload, sample_rss=sample_rss)
+
+    def up_ours() -> None:
+        r = run("ours-upload", {"src": str(src), "work": str(b.work)})
         up["ours"].append(r["seconds"])
-        uploaded_run = r["run_id"]
+        uploaded["run"] = r["run_id"]
+
+    def up_proxied() -> None:
         # The same client made to send every byte through the server: the path of a stack without
         # S3_PUBLIC_ENDPOINT_URL, and the one whose memory must not grow with the file.
-        r = b.worker("ours-upload", {"src": str(src), "work": str(b.work), "proxied": True}, sample_rss=True)
+        r = run("ours-upload", {"src": str(src), "work": str(b.work), "proxied": True}, sample_rss=True)
         up["proxied"].append(r["seconds"])
         rss_up.append(r.get("server_rss_growth_mib"))
-        if b.s3:
-            r = b.worker("boto3-upload", {"src": str(src)})
-            up["boto3"].append(r["seconds"])
-            boto_prefix = r["prefix"]
-        up["local"].append(b.worker("local-copy", {"src": str(src), "work": str(b.work)})["seconds"])
-        r = b.worker("ours-download", {"run_id": uploaded_run, "work": str(b.work)})
+
+    def up_boto3() -> None:
+        r = run("boto3-upload", {"src": str(src)})
+        up["boto3"].append(r["seconds"])
+        uploaded["prefix"] = r["prefix"]
+
+    def down_ours(proxied: bool = False) -> None:
+        r = run("ours-download", {"run_id": uploaded["run"], "work": str(b.work), "proxied": proxied},
+                sample_rss=proxied)
         assert r["bytes"] == total, r
-        down["ours"].append(r["seconds"])
-        r = b.worker("ours-download", {"run_id": uploaded_run, "work": str(b.work), "proxied": True},
-                     sample_rss=True)
+        down["proxied" if proxied else "ours"].append(r["seconds"])
+        if proxied:
+            rss_down.append(r.get("server_rss_growth_mib"))
+
+    def down_boto3() -> None:
+        r = run("boto3-download", {"prefix": uploaded["prefix"], "work": str(b.work)})
         assert r["bytes"] == total, r
-        down["proxied"].append(r["seconds"])
-        rss_down.append(r.get("server_rss_growth_mib"))
-        if b.s3:
-            r = b.worker("boto3-download", {"prefix": boto_prefix, "work": str(b.work)})
-            assert r["bytes"] == total, r
-            down["boto3"].append(r["seconds"])
-        down["local"].append(b.worker("local-copy", {"src": str(src), "work": str(b.work)})["seconds"])
+        down["boto3"].append(r["seconds"])
+
+    def local(into: dict) -> None:
+        into["local"].append(run("local-copy", {"src": str(src), "work": str(b.work)})["seconds"])
+
+    uploads = [up_ours, up_proxied, *([up_boto3] if b.s3 else []), lambda: local(up)]
+    downloads = [down_ours, lambda: down_ours(proxied=True), *([down_boto3] if b.s3 else []), lambda: local(down)]
+    for rep in range(a.repeat):
+        # The order rotates by repetition, so no case always runs first (or last).
+        for step in uploads[rep % len(uploads):] + uploads[:rep % len(uploads)]:
+            step()
+        for step in downloads[rep % len(downloads):] + downloads[:rep % len(downloads)]:
+            step()
         last = lambda d: f"{d[-1]:.2f} s" if d else "n/a"  # noqa: E731
         log(f"transfer rep {rep + 1}/{a.repeat}: up ours {last(up['ours'])}, proxied {last(up['proxied'])}, "
             f"boto3 {last(up['boto3'])}; down ours {last(down['ours'])}, proxied {last(down['proxied'])}, "
