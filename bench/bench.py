@@ -254,6 +254,9 @@ def case_transfer(b: Bench) -> dict:
         r = run("ours-upload", {"src": str(src), "work": str(b.work)})
         up["ours"].append(r["seconds"])
         uploaded["run"] = r["run_id"]
+        # Where those objects sit in the bucket (the server's artifact root is s3://<bucket>/artifacts),
+        # so boto3 downloads the very objects ours does: a comparison of clients, not of objects.
+        uploaded["ours_prefix"] = "artifacts/" + r["artifact_uri"].removeprefix("mlflow-artifacts:/") + "/checkpoints/step-1"
 
     def up_proxied() -> None:
         # The same client made to send every byte through the server: the path of a stack without
@@ -276,7 +279,7 @@ def case_transfer(b: Bench) -> dict:
             rss_down.append(r.get("server_rss_growth_mib"))
 
     def down_boto3() -> None:
-        r = run("boto3-download", {"prefix": uploaded["prefix"], "work": str(b.work)})
+        r = run("boto3-download", {"prefix": uploaded["ours_prefix"], "skip": ["manifest.json"], "work": str(b.work)})
         assert r["bytes"] == total, r
         down["boto3"].append(r["seconds"])
 

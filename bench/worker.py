@@ -221,6 +221,7 @@ def ours_upload(a: dict) -> dict:
     seconds = time.perf_counter() - started
     client.set_terminated(run.info.run_id, "FINISHED")
     return {"seconds": seconds, "run_id": run.info.run_id, "experiment_id": exp_id,
+            "artifact_uri": run.info.artifact_uri,
             "uploaded_bytes": uploader.stats.uploaded_bytes}
 
 
@@ -275,7 +276,7 @@ def boto3_download(a: dict) -> dict:
     dest = Path(a["work"]) / f"dl-boto3-{os.getpid()}"
     started = time.perf_counter()
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", [])]
+            for o in page.get("Contents", []) if o["Key"].rsplit("/", 1)[-1] not in a.get("skip", ())]
     for key in keys:
         target = dest / key[len(prefix) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
