@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,6 +91,49 @@ def test_large_file_goes_straight_to_s3_and_back(run, mlflow_client_env, tmp_pat
     assert counts.presigned_downloads == 1
     assert (tmp_path / "back.pt").read_bytes() == data
     assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_part_limit_governs_the_parts_in_flight_to_s3(run, mlflow_client_env, tmp_path):
+    """The uploader paces uploads through this limit; the real upload must honour it, and raising
+    it must let parts go side by side again."""
+    client, created = run
+    store, _ = store_for(created)
+    in_flight, most = 0, []
+    lock = threading.Lock()
+
+    def counting_put(put):
+        def wrapped(*args, **kwargs):
+            nonlocal in_flight
+            with lock:
+                in_flight += 1
+                most[-1] = max(most[-1], in_flight)
+            try:
+                time.sleep(0.1)  # long enough for the other parts to start, were they allowed
+                return put(*args, **kwargs)
+            finally:
+                with lock:
+                    in_flight -= 1
+        return wrapped
+
+    make_session = store._session  # one session per part thread; count each one's PUTs
+
+    def session_with_counting_put():
+        s = make_session()
+        if not getattr(s.put, "_counting", False):
+            s.put = counting_put(s.put)
+            s.put._counting = True
+        return s
+
+    store._session = session_with_counting_put
+    data = write_random(tmp_path / "optimizer.pt", 4 * PART)  # four parts
+    prefix = artifact_prefix(client, created.info.run_id)
+    for limit, name in ((1, "paced.pt"), (8, "hurried.pt")):
+        store.part_limit.set(limit)
+        most.append(0)
+        (tmp_path / name).write_bytes(data)
+        store.log_artifact(str(tmp_path / name), "checkpoints/step-1")
+        assert read_object(mlflow_client_env, prefix + f"checkpoints/step-1/{name}") == data
+    assert most == [1, 4]
 
 
 def test_small_file_goes_through_the_server(run, mlflow_client_env, tmp_path):
