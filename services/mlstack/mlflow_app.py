@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import posixpath
+from types import SimpleNamespace
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class _RunExperimentView:
         self._store = store
 
     def get_run(self, run_id: str):
-        from types import SimpleNamespace
-
         with self._store.ManagedSessionMaker() as session:
             run = self._store._get_run(run_uuid=run_id, session=session, eager=False)
             return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=str(run.experiment_id)))
