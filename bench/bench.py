@@ -148,6 +148,12 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def rotated(items: list, rep: int) -> list:
+    """``items`` starting at ``rep``: A B C, B C A, C A B, ... so no case always runs first."""
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
 def summary(values: list[float], digits: int = 3) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -192,7 +198,7 @@ def case_train(b: Bench) -> dict:
     runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
     modes = list(runs)
     for rep in range(a.repeat):
-        for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:  # no mode always first
+        for mode in rotated(modes, rep):
             os.sync()  # no writeback of the last run's checkpoints during this one
             r = b.worker("train", {**payload, "mode": mode})
             log(f"train rep {rep + 1}/{a.repeat} {mode}: {r['wall_s']:.2f} s" +
@@ -268,7 +274,6 @@ def case_transfer(b: Bench) -> dict:
     def up_boto3() -> None:
         r = run("boto3-upload", {"src": str(src)})
         up["boto3"].append(r["seconds"])
-        uploaded["prefix"] = r["prefix"]
 
     def down_ours(proxied: bool = False) -> None:
         r = run("ours-download", {"run_id": uploaded["run"], "work": str(b.work), "proxied": proxied},
@@ -289,10 +294,7 @@ def case_transfer(b: Bench) -> dict:
     uploads = [up_ours, up_proxied, *([up_boto3] if b.s3 else []), lambda: local(up)]
     downloads = [down_ours, lambda: down_ours(proxied=True), *([down_boto3] if b.s3 else []), lambda: local(down)]
     for rep in range(a.repeat):
-        # The order rotates by repetition, so no case always runs first (or last).
-        for step in uploads[rep % len(uploads):] + uploads[:rep % len(uploads)]:
-            step()
-        for step in downloads[rep % len(downloads):] + downloads[:rep % len(downloads)]:
+        for step in rotated(uploads, rep) + rotated(downloads, rep):
             step()
         last = lambda d: f"{d[-1]:.2f} s" if d else "n/a"  # noqa: E731
         log(f"transfer rep {rep + 1}/{a.repeat}: up ours {last(up['ours'])}, proxied {last(up['proxied'])}, "
