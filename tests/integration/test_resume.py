@@ -234,7 +234,7 @@ def test_corrupt_checkpoint_is_never_used(native_stack, finished_run, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert f"skipping checkpoint checkpoints/step-{newest:08d}" in output
-    assert "does not match its manifest" in output
+    assert "model.safetensors does not match its manifest (crc32 " in output
     assert f"Downloading checkpoints/step-{next_older:08d}" in output
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -92,6 +93,13 @@ def test_large_file_goes_straight_to_s3_and_back(run, mlflow_client_env, tmp_pat
     assert (tmp_path / "back.pt").read_bytes() == data
     assert digest == hashlib.sha256(data).hexdigest()
 
+    # The CRC-32 the resume path checks is joined from the three ranges' own.
+    crc = store.download_file("checkpoints/step-1/optimizer.pt", tmp_path / "again.pt", size=len(data),
+                              checksum="crc32")
+    assert counts.presigned_downloads == 2
+    assert (tmp_path / "again.pt").read_bytes() == data
+    assert crc == f"{zlib.crc32(data):08x}"
+
 
 def test_part_limit_governs_the_parts_in_flight_to_s3(run, mlflow_client_env, tmp_path):
     """The uploader paces uploads through this limit; the real upload must honour it, and raising
@@ -159,9 +167,11 @@ def test_mlflow_switches_keep_every_byte_on_the_server(run, mlflow_client_env, t
 
     store.log_artifact(str(tmp_path / "model.safetensors"), "c")
     digest = store.download_file("c/model.safetensors", tmp_path / "back", size=len(data))
+    crc = store.download_file("c/model.safetensors", tmp_path / "again", size=len(data), checksum="crc32")
     assert (counts.multipart_creates, counts.presigned_downloads) == (0, 0)
     assert (tmp_path / "back").read_bytes() == data
     assert digest == hashlib.sha256(data).hexdigest()
+    assert crc == f"{zlib.crc32(data):08x}"
 
 
 def test_unreachable_s3_endpoint_falls_back_to_the_server(run, mlflow_client_env, tmp_path, caplog):

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import zlib
 from datetime import datetime, timezone
 
 import pytest
@@ -42,6 +43,8 @@ def test_build_manifest_lists_files_sorted_with_digests(ckpt):
     by_path = {e.path: e for e in m.files}
     assert by_path["model.safetensors"].size == 7000
     assert by_path["model.safetensors"].sha256 == sha(b"weights" * 1000)
+    assert by_path["model.safetensors"].crc32 == f"{zlib.crc32(b'weights' * 1000):08x}"
+    assert by_path["model.safetensors"].check == ("crc32", by_path["model.safetensors"].crc32)
     assert by_path["config_link.json"].sha256 == sha(b'{"a": 1}')
     assert by_path["sub/deeper/x.bin"].stored_at == f"{STORE}/sub/deeper/x.bin"
     assert m.total_bytes == 7000 + 8 + 8 + 0 + 6
@@ -71,8 +74,16 @@ def test_json_round_trip(ckpt):
     data = json.loads(m.to_json())
     assert set(data) == {"format", "step", "metrics", "store_path", "created_at", "files", "total_bytes"}
     assert data["format"] == 1 and data["metrics"] == {"eval_loss": 0.25, "bad": None}
-    assert set(data["files"][0]) == {"path", "size", "sha256", "stored_at"}
+    assert set(data["files"][0]) == {"path", "size", "sha256", "crc32", "stored_at"}
     assert Manifest.from_json(m.to_json()) == m
+
+
+def test_manifest_without_crc32_is_checked_by_sha256():
+    """Manifests written before CRC-32 was recorded stay readable; their downloads check sha256."""
+    (entry,) = Manifest.from_json(json.dumps(_valid())).files
+    assert entry.crc32 is None
+    assert entry.check == ("sha256", "0" * 64)
+    assert "crc32" not in entry.to_dict()
 
 
 def _valid():
@@ -95,6 +106,8 @@ def _valid():
         (lambda d: d.update(step=-1), "'step' must be a non-negative integer"),
         (lambda d: d.update(total_bytes=2), "'total_bytes' is 2 but the files add up to 1"),
         (lambda d: d["files"][0].update(sha256="xyz"), "files[0].sha256"),
+        (lambda d: d["files"][0].update(crc32="ABCDEF01"), "files[0].crc32 must be 8 lowercase hex"),
+        (lambda d: d["files"][0].update(crc32=12), "files[0].crc32"),
         (lambda d: d["files"][0].update(size=True), "files[0].size"),
         (lambda d: d["files"][0].update(path="../a"), "files[0].path must be a relative path"),
         (lambda d: d["files"].append(dict(d["files"][0])), "listed twice"),
@@ -121,7 +134,8 @@ def test_file_digest_streams_large_files(tmp_path):
     data = os.urandom(3 * (1 << 20) + 5)
     f = tmp_path / "big"
     f.write_bytes(data)
-    assert file_digest(f) == (sha(data), len(data))
+    got = file_digest(f)
+    assert (got.sha256, got.crc32, got.size) == (sha(data), f"{zlib.crc32(data):08x}", len(data))
 
 
 def test_reserved_name_and_missing_folder(tmp_path):

@@ -1,10 +1,14 @@
-"""Checkpoint manifests: the list of files, sizes and sha256 digests that makes a checkpoint whole.
+"""Checkpoint manifests: the list of files, sizes and checksums that makes a checkpoint whole.
 
 A checkpoint in the store is trusted only once its manifest is there, and the manifest is
 uploaded last; so a crash mid-upload leaves a checkpoint without a manifest, which readers
 treat as absent. The manifest also carries deduplication (as W&B artifacts do): a file whose
 digest is already stored in the run (tokenizer files, unchanged config) is not uploaded again;
 its entry points at the existing object through ``stored_at``.
+
+Each file has two checksums, taken in one read: sha256, its identity for deduplication, and
+CRC-32, which a download is checked against (a third of the CPU; see ``checksum``). Manifests
+written before CRC-32 was recorded have none; their downloads are checked by sha256.
 
 Pure: this module reads local files to hash them, and never talks to the store.
 """
@@ -16,28 +20,41 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mltrainer.checksum import crc32_hex
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNK_SIZE = 1 << 20  # 1 MiB: bounded memory for multi-GB weight files
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CRC32 = re.compile(r"^[0-9a-f]{8}$")
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """``(sha256 hex, size in bytes)`` of ``path``, read in 1 MiB chunks."""
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    crc32: str
+    size: int
+
+
+def file_digest(path: Path) -> FileDigest:
+    """sha256, CRC-32 and size of ``path``, read once in 1 MiB chunks."""
     h = hashlib.sha256()
+    crc = 0
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_SIZE):
             h.update(chunk)
+            crc = zlib.crc32(chunk, crc)
             size += len(chunk)
-    return h.hexdigest(), size
+    return FileDigest(sha256=h.hexdigest(), crc32=crc32_hex(crc), size=size)
 
 
 @dataclass(frozen=True)
@@ -48,9 +65,18 @@ class ManifestEntry:
     size: int
     sha256: str
     stored_at: str  # store path of the object holding these bytes (may be another checkpoint's)
+    crc32: str | None = None  # absent in manifests written before it was recorded
+
+    @property
+    def check(self) -> tuple[str, str]:
+        """``(algorithm, expected hex)`` a download of this file is checked against."""
+        return ("crc32", self.crc32) if self.crc32 is not None else ("sha256", self.sha256)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "stored_at": self.stored_at}
+        data = {"path": self.path, "size": self.size, "sha256": self.sha256, "stored_at": self.stored_at}
+        if self.crc32 is not None:
+            data["crc32"] = self.crc32
+        return data
 
 
 @dataclass(frozen=True)
@@ -130,7 +156,7 @@ class Manifest:
         for i, item in enumerate(data["files"]):
             if not isinstance(item, dict):
                 raise bad(f"files[{i}] must be an object")
-            path, size, digest, stored_at = (item.get(k) for k in ("path", "size", "sha256", "stored_at"))
+            path, size, digest, stored_at, crc = (item.get(k) for k in ("path", "size", "sha256", "stored_at", "crc32"))
             if not isinstance(path, str) or not _is_safe_relpath(path):
                 raise bad(f"files[{i}].path must be a relative path without '..', got {path!r}")
             if path in seen:
@@ -142,7 +168,9 @@ class Manifest:
                 raise bad(f"files[{i}].sha256 must be 64 lowercase hex characters, got {digest!r}")
             if not isinstance(stored_at, str) or not stored_at:
                 raise bad(f"files[{i}].stored_at must be a non-empty string, got {stored_at!r}")
-            entries.append(ManifestEntry(path=path, size=size, sha256=digest, stored_at=stored_at))
+            if crc is not None and (not isinstance(crc, str) or not _CRC32.match(crc)):
+                raise bad(f"files[{i}].crc32 must be 8 lowercase hex characters, got {crc!r}")
+            entries.append(ManifestEntry(path=path, size=size, sha256=digest, stored_at=stored_at, crc32=crc))
         manifest = cls(
             step=data["step"],
             metrics={str(k): (None if v is None else float(v)) for k, v in metrics.items()},
@@ -216,9 +244,10 @@ def build_manifest(
     for relpath, local in iter_checkpoint_files(folder):
         if relpath == MANIFEST_NAME:
             raise ValueError(f"checkpoint folder {str(folder)!r} contains {MANIFEST_NAME!r}, a reserved name")
-        digest, size = file_digest(local)
-        stored_at = stored_digests.get(digest, f"{store_path}/{relpath}")
-        entries.append(ManifestEntry(path=relpath, size=size, sha256=digest, stored_at=stored_at))
+        digest = file_digest(local)
+        stored_at = stored_digests.get(digest.sha256, f"{store_path}/{relpath}")
+        entries.append(ManifestEntry(path=relpath, size=digest.size, sha256=digest.sha256, stored_at=stored_at,
+                                     crc32=digest.crc32))
     when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return Manifest(
         step=step,

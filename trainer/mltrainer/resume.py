@@ -94,13 +94,16 @@ def download_checkpoint(store: RunArtifacts, manifest: Manifest, dest: Path, con
     def one(entry) -> str | None:
         target = dest / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
+        algorithm, expected = entry.check
         try:
-            digest = store.download_file(entry.stored_at, target, size=entry.size)
+            digest = store.download_file(entry.stored_at, target, size=entry.size, checksum=algorithm)
             size = target.stat().st_size
         except Exception as exc:  # noqa: BLE001 - any failure disqualifies this checkpoint
             return f"{entry.stored_at} could not be downloaded: {exc}"
-        if (digest, size) != (entry.sha256, entry.size):
-            return f"{entry.stored_at} does not match its manifest (size or sha256 differs)"
+        if size != entry.size:
+            return f"{entry.stored_at} does not match its manifest (size {size}, expected {entry.size})"
+        if digest != expected:
+            return f"{entry.stored_at} does not match its manifest ({algorithm} {digest}, expected {expected})"
         return None
 
     entries = sorted(manifest.files, key=lambda e: e.size, reverse=True)

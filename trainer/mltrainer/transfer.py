@@ -8,7 +8,8 @@ offers nothing, is one streamed request through the MLflow server.
 
 MLflow's own client has this feature too, but for files over 500 MB only, and its download reads
 each 100 MB range into memory 10 KB at a time: at 2 cores that ran at half of boto3's speed
-(bench/). Here a range is written to its place in the file as it arrives.
+(bench/). Here a range is written to its place in the file as it arrives, and its CRC-32 taken
+from the same bytes (``checksum``), so checking the download costs no second read.
 
 The first failure of the direct path (an S3 endpoint this machine cannot reach, a URL signed for
 another host) is reported once, and from then on this process uses the server: a checkpoint is
@@ -24,9 +25,11 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mltrainer.checksum import Crc32, crc32_combine, crc32_hex
 from mltrainer.manifest import file_digest
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,13 @@ CONCURRENCY = 8  # parts or ranges of one file in flight
 MAX_PARTS = 10_000  # S3's limit on parts of one multipart upload
 READ_SIZE = 1 * MiB
 TIMEOUT = (10, 300)  # connect, read (seconds)
+CHECKSUMS = ("crc32", "sha256")
+
+
+def _new_checksum(name: str):
+    if name not in CHECKSUMS:
+        raise ValueError(f"unknown checksum {name!r} (choose from {', '.join(CHECKSUMS)})")
+    return Crc32() if name == "crc32" else hashlib.sha256()
 
 
 class DirectTransferError(RuntimeError):
@@ -200,26 +210,29 @@ class RunArtifacts:
 
     # -- download --------------------------------------------------------------------------------
 
-    def download_file(self, remote_path: str, local_path: Path, size: int | None = None) -> str:
-        """``remote_path`` (a file, relative to the run's root) to ``local_path``; returns its sha256.
+    def download_file(self, remote_path: str, local_path: Path, size: int | None = None,
+                      checksum: str = "sha256") -> str:
+        """``remote_path`` (a file, relative to the run's root) to ``local_path``; returns the hex
+        ``checksum`` ("sha256" or "crc32") of what arrived.
 
-        The digest is taken while the bytes arrive, so checking a download against its manifest
-        costs no second pass over a file of gigabytes.
+        The checksum is taken while the bytes arrive, so checking a download against its
+        manifest costs no second pass over a file of gigabytes.
         """
         local_path = Path(local_path)
+        _new_checksum(checksum)  # an unknown name fails before any byte moves
         if not self._http:
-            return self._download_other(remote_path, local_path)
+            return self._download_other(remote_path, local_path, checksum)
         if (size is None or size >= self.direct_min_size) and self._direct_offered("download"):
             try:
-                return self._download_direct(remote_path, local_path)
+                return self._download_direct(remote_path, local_path, checksum)
             except Exception as exc:  # noqa: BLE001 - the proxied path below is the answer
                 self._give_up_direct(f"download of {remote_path}", exc)
-        return self._download_proxied(remote_path, local_path)
+        return self._download_proxied(remote_path, local_path, checksum)
 
-    def _download_proxied(self, remote_path: str, local_path: Path) -> str:
+    def _download_proxied(self, remote_path: str, local_path: Path, checksum: str) -> str:
         from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
-        digest = hashlib.sha256()
+        digest = _new_checksum(checksum)
         resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET", stream=True)
         with resp:
             augmented_raise_for_status(resp)
@@ -229,13 +242,13 @@ class RunArtifacts:
                     digest.update(block)
         return digest.hexdigest()
 
-    def _download_other(self, remote_path: str, local_path: Path) -> str:
+    def _download_other(self, remote_path: str, local_path: Path, checksum: str) -> str:
         with tempfile.TemporaryDirectory(dir=local_path.parent) as tmp:
             got = Path(self.repo.download_artifacts(remote_path, tmp))
             shutil.move(str(got), local_path)
-        return file_digest(local_path)[0]
+        return getattr(file_digest(local_path), checksum)
 
-    def _download_direct(self, remote_path: str, local_path: Path) -> str:
+    def _download_direct(self, remote_path: str, local_path: Path, checksum: str) -> str:
         presigned = self.repo._get_presigned_download_url(remote_path)
         size = presigned.file_size
         if size is None:
@@ -245,10 +258,12 @@ class RunArtifacts:
         try:
             os.ftruncate(fd, size)
 
-            def get(span: tuple[int, int]) -> None:
+            def get(span: tuple[int, int]) -> int:
+                """Writes one range in place; returns the CRC-32 of its bytes."""
                 offset, length = span
+                crc = 0
                 if length == 0:
-                    return
+                    return crc
                 headers = {**(presigned.headers or {}), "Range": f"bytes={offset}-{offset + length - 1}"}
                 with self._session().get(presigned.url, headers=headers, stream=True, timeout=TIMEOUT) as resp:
                     if resp.status_code not in (200, 206):
@@ -258,15 +273,23 @@ class RunArtifacts:
                     at = offset
                     for block in resp.raw.stream(READ_SIZE, decode_content=False):
                         os.pwrite(fd, block, at)
+                        if checksum == "crc32":
+                            crc = zlib.crc32(block, crc)
                         at += len(block)
                     if at != offset + length:
                         raise DirectTransferError(f"bytes {offset}+{length}: got {at - offset}")
+                return crc
 
-            # Ranges finish in any order; map() hands them back in file order, so each one is
-            # hashed (from the page cache) while the ones after it are still downloading.
-            digest = hashlib.sha256()
+            # Ranges finish in any order; map() hands them back in file order, so each one joins
+            # the file's checksum while the ones after it are still downloading: a CRC-32 from
+            # the range's own, a sha256 (which has no such joining) by reading it back from the
+            # page cache.
+            crc, digest = 0, _new_checksum(checksum)
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="range-download") as pool:
-                for (offset, length), _ in zip(ranges, pool.map(get, ranges)):
+                for (offset, length), range_crc in zip(ranges, pool.map(get, ranges)):
+                    if checksum == "crc32":
+                        crc = crc32_combine(crc, range_crc, length)
+                        continue
                     for at in range(offset, offset + length, READ_SIZE):
                         digest.update(os.pread(fd, min(READ_SIZE, offset + length - at), at))
         except BaseException:
@@ -274,7 +297,7 @@ class RunArtifacts:
             local_path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return digest.hexdigest()
+        return crc32_hex(crc) if checksum == "crc32" else digest.hexdigest()
 
     def list_artifacts(self, path: str | None = None):
         return self.repo.list_artifacts(path)
