@@ -148,10 +148,20 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def rotated(items: list, rep: int) -> list:
-    """``items`` starting at ``rep``: A B C, B C A, C A B, ... so no case always runs first."""
-    k = rep % len(items)
-    return items[k:] + items[:k]
+def balanced_order(items: list, rep: int) -> list:
+    """The order of ``items`` in repetition ``rep``, from a Williams design: over n repetitions
+    (2n for an odd n) every case runs once in every position and once right after every other.
+
+    A plain rotation (A B C, B C A, ...) puts every case at every position but always after the
+    same neighbour, and on a VM a case leaves after-effects on the next one (1 GB just deleted
+    on a disk mounted with ``discard``, memory handed back to the host, an object just written):
+    the rotation charged them to one case. Measured in the transfer case, that one was ours.
+    """
+    n = len(items)
+    first = [(j + 1) // 2 if j % 2 else (n - j // 2) % n for j in range(n)]  # 0, 1, n-1, 2, n-2, ...
+    r = rep % (n if n % 2 == 0 else 2 * n)
+    order = [items[(k + r) % n] for k in first]
+    return order[::-1] if r >= n else order
 
 
 def summary(values: list[float], digits: int = 3) -> dict:
@@ -198,7 +208,7 @@ def case_train(b: Bench) -> dict:
     runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
     modes = list(runs)
     for rep in range(a.repeat):
-        for mode in rotated(modes, rep):
+        for mode in balanced_order(modes, rep):
             os.sync()  # no writeback of the last run's checkpoints during this one
             r = b.worker("train", {**payload, "mode": mode})
             log(f"train rep {rep + 1}/{a.repeat} {mode}: {r['wall_s']:.2f} s" +
@@ -294,7 +304,7 @@ def case_transfer(b: Bench) -> dict:
     uploads = [up_ours, up_proxied, *([up_boto3] if b.s3 else []), lambda: local(up)]
     downloads = [down_ours, lambda: down_ours(proxied=True), *([down_boto3] if b.s3 else []), lambda: local(down)]
     for rep in range(a.repeat):
-        for step in rotated(uploads, rep) + rotated(downloads, rep):
+        for step in balanced_order(uploads, rep) + balanced_order(downloads, rep):
             step()
         last = lambda d: f"{d[-1]:.2f} s" if d else "n/a"  # noqa: E731
         log(f"transfer rep {rep + 1}/{a.repeat}: up ours {last(up['ours'])}, proxied {last(up['proxied'])}, "
