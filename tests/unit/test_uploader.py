@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mltrainer.manifest import MANIFEST_NAME
+from mltrainer.manifest import MANIFEST_NAME, Manifest
 from mltrainer.policy import CheckpointPolicy
 from mltrainer.transfer import InFlightLimit
 from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
@@ -238,3 +238,55 @@ def test_transfers_are_few_while_training_keeps_up_and_all_at_once_when_it_waits
     assert most_in_flight[step2] == 2  # model.safetensors and tokenizer.json at once (config.json: dedup)
     assert all(parts == 8 for path, parts in seen if path.startswith(step2))
     assert sorted(store.manifests()) == [step1, step2]
+
+
+def test_only_same_size_files_wait_for_their_hash_and_dedup_still_holds(tmp_path, monkeypatch):
+    """A file whose size no stored file has cannot be a duplicate: it goes up without waiting for
+    its hash; one of a stored size is hashed first and, when identical, not sent again. Either
+    way the manifest lists every file with the digests of its bytes."""
+    import hashlib
+    import zlib
+
+    import mltrainer.uploader as uploader_module
+
+    store = FakeStore()
+    up = CheckpointUploader(store, KEEP_ALL)
+    up.submit(make_job(tmp_path, 1, b"weights one"))
+    up.close(progress=False)
+
+    events: list[tuple[str, str]] = []
+    hashing = uploader_module.file_digest
+    weights_sent = threading.Event()
+
+    def recording_digest(path):
+        if Path(path).name == "model.safetensors":  # its hash may wait for its upload, not the reverse
+            events.append(("upload came first", str(weights_sent.wait(timeout=5))))
+        events.append(("hashed", Path(path).name))
+        return hashing(path)
+
+    logged = store.log_artifact
+
+    def recording_log(local_file, artifact_path=None):
+        events.append(("uploaded", Path(local_file).name))
+        logged(local_file, artifact_path)
+        if Path(local_file).name == "model.safetensors":
+            weights_sent.set()
+
+    monkeypatch.setattr(uploader_module, "file_digest", recording_digest)
+    store.log_artifact = recording_log
+    up = CheckpointUploader(store, KEEP_ALL)
+    up.adopt([Manifest.from_dict(m) for m in store.manifests().values()])
+    job = make_job(tmp_path, 2, b"weights two, a new size")  # config.json: same bytes, same size as step 1
+    up.submit(job)
+    up.close(progress=False)
+
+    assert ("uploaded", "config.json") not in events  # deduplicated
+    assert ("upload came first", "True") in events
+    assert events.index(("hashed", "config.json")) < events.index(("uploaded", "model.safetensors"))
+    manifest = store.manifests()["checkpoints/step-00000002"]
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["config.json"]["stored_at"] == "checkpoints/step-00000001/config.json"
+    weights = b"weights two, a new size"
+    assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert files["model.safetensors"]["crc32"] == f"{zlib.crc32(weights):08x}"
+    assert store.objects["checkpoints/step-00000002/model.safetensors"] == weights

@@ -216,20 +216,8 @@ def iter_checkpoint_files(folder: Path) -> Iterable[tuple[str, Path]]:
     return sorted(found)
 
 
-def build_manifest(
-    folder: Path,
-    *,
-    step: int,
-    metrics: Mapping[str, Any] | None,
-    store_path: str,
-    stored_digests: Mapping[str, str] | None = None,
-    created_at: datetime | None = None,
-) -> Manifest:
-    """Hash every file in ``folder`` and describe it as the checkpoint at ``store_path``.
-
-    ``stored_digests`` maps sha256 -> store path of an identical object already stored in this
-    run; such files get that path as ``stored_at`` and are not uploaded again. All others get
-    ``f"{store_path}/{relpath}"``. ``created_at`` defaults to now (UTC).
+def checkpoint_files(folder: Path) -> list[tuple[str, Path]]:
+    """``iter_checkpoint_files`` of a folder that can be stored as a checkpoint.
 
     Raises:
         ValueError: if the folder is missing or already holds a file named ``manifest.json``,
@@ -238,13 +226,38 @@ def build_manifest(
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist or is not a directory")
+    files = list(iter_checkpoint_files(folder))
+    if any(relpath == MANIFEST_NAME for relpath, _ in files):
+        raise ValueError(f"checkpoint folder {str(folder)!r} contains {MANIFEST_NAME!r}, a reserved name")
+    return files
+
+
+def build_manifest(
+    folder: Path,
+    *,
+    step: int,
+    metrics: Mapping[str, Any] | None,
+    store_path: str,
+    stored_digests: Mapping[str, str] | None = None,
+    created_at: datetime | None = None,
+    digests: Mapping[str, FileDigest] | None = None,
+) -> Manifest:
+    """Hash every file in ``folder`` and describe it as the checkpoint at ``store_path``.
+
+    ``stored_digests`` maps sha256 -> store path of an identical object already stored in this
+    run; such files get that path as ``stored_at`` and are not uploaded again. All others get
+    ``f"{store_path}/{relpath}"``. ``created_at`` defaults to now (UTC). ``digests`` (relative
+    path -> ``file_digest``) spares hashing the files a caller already hashed.
+
+    Raises:
+        ValueError: as ``checkpoint_files``.
+    """
     store_path = store_path.rstrip("/")
     stored_digests = stored_digests or {}
+    digests = digests or {}
     entries = []
-    for relpath, local in iter_checkpoint_files(folder):
-        if relpath == MANIFEST_NAME:
-            raise ValueError(f"checkpoint folder {str(folder)!r} contains {MANIFEST_NAME!r}, a reserved name")
-        digest = file_digest(local)
+    for relpath, local in checkpoint_files(folder):
+        digest = digests.get(relpath) or file_digest(local)
         stored_at = stored_digests.get(digest.sha256, f"{store_path}/{relpath}")
         entries.append(ManifestEntry(path=relpath, size=digest.size, sha256=digest.sha256, stored_at=stored_at,
                                      crc32=digest.crc32))

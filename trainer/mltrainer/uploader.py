@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from mltrainer.manifest import MANIFEST_NAME, Manifest, build_manifest
+from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
 from mltrainer.policy import CheckpointPolicy, RetentionState
 from mltrainer.transfer import InFlightLimit
 
@@ -261,29 +261,44 @@ class CheckpointUploader:
                 delay = min(delay * 2, 60.0)
 
     def _store_checkpoint(self, job: UploadJob) -> None:
-        manifest = build_manifest(job.snapshot, step=job.step, metrics=job.metrics, store_path=job.store_path,
-                                  stored_digests=dict(self._digests))
-        def upload(entry) -> None:
-            local = job.snapshot / entry.path
-            parent = os.path.dirname(entry.stored_at)
+        files = checkpoint_files(job.snapshot)
+        stored_digests = dict(self._digests)
+        # Hashing takes 0.76 CPU-s per GB (bench/); only a file with the size of one already stored can
+        # be deduplicated, so only those are hashed before their upload is decided. Every other
+        # file starts up at once and is hashed meanwhile, for the manifest that goes last.
+        stored_sizes = {e.size for m in self._manifests.values() for e in m.files if e.sha256 in stored_digests}
+        digests: dict[str, FileDigest] = {rel: file_digest(local) for rel, local in files
+                                          if local.stat().st_size in stored_sizes}
+        to_upload = [rel for rel, _ in files if rel not in digests or digests[rel].sha256 not in stored_digests]
+
+        def upload(rel: str) -> None:
+            local = job.snapshot / rel
+            parent = os.path.dirname(f"{job.store_path}/{rel}")
             with self._file_limit:
-                self._retry(f"upload of {entry.stored_at}", lambda: self.store.log_artifact(str(local), parent))
+                self._retry(f"upload of {job.store_path}/{rel}", lambda: self.store.log_artifact(str(local), parent))
             with self._lock:
-                self.stats.uploaded_bytes += entry.size
+                self.stats.uploaded_bytes += local.stat().st_size
 
         # When training waits, the files of one checkpoint go up side by side (largest first):
         # the small files' round trips through the server (a dozen in a Trainer checkpoint,
         # most of the final wait) hide behind the large ones. The manifest still goes last,
         # after every file succeeded.
-        to_upload = manifest.files_to_upload()
-        if self.concurrency > 1 and len(to_upload) > 1:
-            to_upload = sorted(to_upload, key=lambda e: e.size, reverse=True)
-            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="checkpoint-upload") as pool:
-                for future in [pool.submit(upload, entry) for entry in to_upload]:
-                    future.result()
-        else:
-            for entry in to_upload:
-                upload(entry)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash",
+                                initializer=_lower_thread_priority) as hasher:
+            hashed = hasher.submit(lambda: {rel: file_digest(local) for rel, local in files if rel not in digests})
+            if self.concurrency > 1 and len(to_upload) > 1:
+                to_upload.sort(key=lambda rel: (job.snapshot / rel).stat().st_size, reverse=True)
+                with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="checkpoint-upload") as pool:
+                    for future in [pool.submit(upload, rel) for rel in to_upload]:
+                        future.result()
+            else:
+                for rel in to_upload:
+                    upload(rel)
+            digests.update(hashed.result())
+        manifest = build_manifest(job.snapshot, step=job.step, metrics=job.metrics, store_path=job.store_path,
+                                  stored_digests=stored_digests, digests=digests)
+        if {e.path for e in manifest.files_to_upload()} != set(to_upload):  # a manifest naming a missing object
+            raise RuntimeError(f"{job.store_path}: the uploaded files and the manifest disagree; manifest not stored")
         self.stats.deduplicated_bytes += manifest.total_bytes - sum(e.size for e in manifest.files_to_upload())
         with tempfile.TemporaryDirectory() as tmp:
             manifest_file = Path(tmp) / MANIFEST_NAME
