@@ -290,3 +290,26 @@ def test_only_same_size_files_wait_for_their_hash_and_dedup_still_holds(tmp_path
     assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert files["model.safetensors"]["crc32"] == f"{zlib.crc32(weights):08x}"
     assert store.objects["checkpoints/step-00000002/model.safetensors"] == weights
+
+
+def test_storing_a_step_again_uploads_its_files_instead_of_pointing_at_the_old_ones(tmp_path):
+    """A resumed run saves step 1 again: its files overwrite the old objects at that path, so the
+    new manifest must not deduplicate against them (one of them may be overwritten by another
+    file's new bytes)."""
+    store = FakeStore()
+    up = CheckpointUploader(store, KEEP_ALL)
+    (tmp_path / "first").mkdir()
+    up.submit(make_job(tmp_path / "first", 1, b"weights before the crash"))
+    up.close(progress=False)
+
+    resumed = CheckpointUploader(store, KEEP_ALL)
+    resumed.adopt([Manifest.from_dict(m) for m in store.manifests().values()])
+    (tmp_path / "again").mkdir()
+    resumed.submit(make_job(tmp_path / "again", 1, b"weights after resuming"))
+    resumed.close(progress=False)
+
+    files = {f["path"]: f for f in store.manifests()["checkpoints/step-00000001"]["files"]}
+    assert {f["stored_at"] for f in files.values()} == {"checkpoints/step-00000001/config.json",
+                                                        "checkpoints/step-00000001/model.safetensors"}
+    assert store.calls.count("checkpoints/step-00000001/config.json") == 2
+    assert store.objects["checkpoints/step-00000001/model.safetensors"] == b"weights after resuming"

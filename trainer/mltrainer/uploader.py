@@ -262,7 +262,10 @@ class CheckpointUploader:
 
     def _store_checkpoint(self, job: UploadJob) -> None:
         files = checkpoint_files(job.snapshot)
-        stored_digests = dict(self._digests)
+        # A resumed run saves a step it stored before at the same path: those objects are about
+        # to be overwritten, so no file of the new checkpoint may point at them.
+        own = job.store_path.rstrip("/") + "/"
+        stored_digests = {digest: at for digest, at in self._digests.items() if not at.startswith(own)}
         # Hashing takes 0.76 CPU-s per GB (bench/); only a file with the size of one already stored can
         # be deduplicated, so only those are hashed before their upload is decided. Every other
         # file starts up at once and is hashed meanwhile, for the manifest that goes last.
