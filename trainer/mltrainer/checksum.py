@@ -15,6 +15,7 @@ x^(8n) modulo the CRC polynomial.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from functools import lru_cache
 
@@ -72,8 +73,6 @@ def crc32_hex(crc: int) -> str:
 class Crc32:
     """hashlib-style running CRC-32 (``update`` / ``hexdigest``), for the paths that stream."""
 
-    name = "crc32"
-
     def __init__(self) -> None:
         self.value = 0
 
@@ -82,3 +81,13 @@ class Crc32:
 
     def hexdigest(self) -> str:
         return crc32_hex(self.value)
+
+
+CHECKSUMS = ("crc32", "sha256")  # what a manifest entry can be checked by (``ManifestEntry.check``)
+
+
+def new_checksum(name: str):
+    """A running checksum (``update`` / ``hexdigest``) of one of ``CHECKSUMS``."""
+    if name not in CHECKSUMS:
+        raise ValueError(f"unknown checksum {name!r} (choose from {', '.join(CHECKSUMS)})")
+    return Crc32() if name == "crc32" else hashlib.sha256()

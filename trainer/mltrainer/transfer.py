@@ -18,7 +18,6 @@ never lost because a shortcut did not work.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -29,7 +28,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mltrainer.checksum import Crc32, crc32_combine, crc32_hex
+from mltrainer.checksum import crc32_combine, crc32_hex, new_checksum
 from mltrainer.manifest import file_digest
 
 logger = logging.getLogger(__name__)
@@ -44,13 +43,6 @@ MAX_PARTS = 10_000  # S3's limit on parts of one multipart upload
 # (more page faults too); 64 KiB pays Python's per-block overhead (bench/, 2 cores).
 READ_SIZE = 256 * 1024
 TIMEOUT = (10, 300)  # connect, read (seconds)
-CHECKSUMS = ("crc32", "sha256")
-
-
-def _new_checksum(name: str):
-    if name not in CHECKSUMS:
-        raise ValueError(f"unknown checksum {name!r} (choose from {', '.join(CHECKSUMS)})")
-    return Crc32() if name == "crc32" else hashlib.sha256()
 
 
 class DirectTransferError(RuntimeError):
@@ -222,7 +214,7 @@ class RunArtifacts:
         manifest costs no second pass over a file of gigabytes.
         """
         local_path = Path(local_path)
-        _new_checksum(checksum)  # an unknown name fails before any byte moves
+        new_checksum(checksum)  # an unknown name fails before any byte moves
         if not self._http:
             return self._download_other(remote_path, local_path, checksum)
         if (size is None or size >= self.direct_min_size) and self._direct_offered("download"):
@@ -235,7 +227,7 @@ class RunArtifacts:
     def _download_proxied(self, remote_path: str, local_path: Path, checksum: str) -> str:
         from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
-        digest = _new_checksum(checksum)
+        digest = new_checksum(checksum)
         resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET", stream=True)
         with resp:
             augmented_raise_for_status(resp)
@@ -287,7 +279,7 @@ class RunArtifacts:
             # the file's checksum while the ones after it are still downloading: a CRC-32 from
             # the range's own, a sha256 (which has no such joining) by reading it back from the
             # page cache.
-            crc, digest = 0, _new_checksum(checksum)
+            crc, digest = 0, new_checksum(checksum)
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="range-download") as pool:
                 for (offset, length), range_crc in zip(ranges, pool.map(get, ranges)):
                     if checksum == "crc32":
