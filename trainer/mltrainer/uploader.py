@@ -2,8 +2,9 @@
 
 - The caller hands over a *snapshot* (hard links of the checkpoint folder), so the Trainer's
   ``save_total_limit`` rotation cannot pull files from under an upload.
-- Hashing, uploading and retention deletes all happen on the worker; ``submit`` only blocks when
-  the queue is full, and then says for how long it waited. A checkpoint is never dropped.
+- Hashing, uploading and retention deletes all happen on the worker (and threads it starts);
+  ``submit`` only blocks when the queue is full, and then says for how long it waited. A
+  checkpoint is never dropped.
 - A checkpoint is complete in the store only once its manifest is there; the manifest goes last.
   Files byte-identical to one already stored in the run are not uploaded again: the manifest
   points at the stored copy. The digest index is updated only after a successful upload, so a
@@ -269,9 +270,9 @@ class CheckpointUploader:
         # Hashing takes 0.76 CPU-s per GB (bench/); only a file with the size of one already stored can
         # be deduplicated, so only those are hashed before their upload is decided. Every other
         # file starts up at once and is hashed meanwhile, for the manifest that goes last.
+        sizes = {rel: local.stat().st_size for rel, local in files}
         stored_sizes = {e.size for m in self._manifests.values() for e in m.files if e.sha256 in stored_digests}
-        digests: dict[str, FileDigest] = {rel: file_digest(local) for rel, local in files
-                                          if local.stat().st_size in stored_sizes}
+        digests: dict[str, FileDigest] = {rel: file_digest(local) for rel, local in files if sizes[rel] in stored_sizes}
         to_upload = [rel for rel, _ in files if rel not in digests or digests[rel].sha256 not in stored_digests]
 
         def upload(rel: str) -> None:
@@ -280,7 +281,7 @@ class CheckpointUploader:
             with self._file_limit:
                 self._retry(f"upload of {job.store_path}/{rel}", lambda: self.store.log_artifact(str(local), parent))
             with self._lock:
-                self.stats.uploaded_bytes += local.stat().st_size
+                self.stats.uploaded_bytes += sizes[rel]
 
         # When training waits, the files of one checkpoint go up side by side (largest first):
         # the small files' round trips through the server (a dozen in a Trainer checkpoint,
@@ -290,7 +291,7 @@ class CheckpointUploader:
                                 initializer=_lower_thread_priority) as hasher:
             hashed = hasher.submit(lambda: {rel: file_digest(local) for rel, local in files if rel not in digests})
             if self.concurrency > 1 and len(to_upload) > 1:
-                to_upload.sort(key=lambda rel: (job.snapshot / rel).stat().st_size, reverse=True)
+                to_upload.sort(key=sizes.__getitem__, reverse=True)
                 with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="checkpoint-upload") as pool:
                     for future in [pool.submit(upload, rel) for rel in to_upload]:
                         future.result()
