@@ -150,7 +150,7 @@ def server_environment(env: dict[str, str], auth_config: Path) -> dict[str, str]
     return out
 
 
-def gunicorn_command(env: dict[str, str]) -> list[str]:
+def gunicorn_command(env: dict[str, str], runtime_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "uvicorn.workers.UvicornWorker",
@@ -160,6 +160,9 @@ def gunicorn_command(env: dict[str, str]) -> list[str]:
         "--timeout", "600",
         "--graceful-timeout", "30",
         "--access-logfile", "-",
+        # gunicorn's control socket defaults to ~/.gunicorn/, which the image's user cannot write
+        # and which two servers of one user on a host would share: keep it in the private runtime dir.
+        "--control-socket", str(runtime_dir / "gunicorn.ctl"),
         # MLflow's auth app with streaming artifact transfers (see mlstack.mlflow_app).
         "mlstack.mlflow_app:create_app()",
     ]
@@ -184,7 +187,7 @@ def main() -> None:
         bootstrap_admin(server_env)
     except s.SettingsError as exc:
         raise SystemExit(f"mlflow server: {exc}") from None
-    cmd = gunicorn_command(env)
+    cmd = gunicorn_command(env, runtime_dir)
     log("starting " + " ".join(cmd))
     os.execve(sys.executable, cmd, server_env)
 
