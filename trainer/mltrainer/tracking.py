@@ -92,12 +92,18 @@ def dataset_name(cfg: TrainConfig) -> str:
     return Path(cfg.data.files.train).name
 
 
+# The trainer image has no .git: its build bakes the commit it was built from in here.
+GIT_COMMIT_ENV = "MLTRAINER_GIT_COMMIT"
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get(GIT_COMMIT_ENV) or None
 
 
 def library_versions() -> dict[str, str]:
