@@ -319,3 +319,32 @@ def test_every_shipped_config_is_valid_for_the_pinned_libraries(path, tmp_path):
 
 def test_configs_are_found():
     assert {"tiny.yaml", "gpu-example.yaml", "sweep-tiny.yaml"} <= {p.name for p in SHIPPED}
+
+
+# -- names the server and the store can hold (limits.py), checked before any run ------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "needle"),
+    [
+        (["experiment.run_name=.."], "experiment.run_name", "renders '..', which leaves nothing"),
+        (["experiment.run_name=" + "r" * 300], "experiment.run_name",
+         "the rendered run name is 300 characters long; MLflow's database holds at most 250"),
+        # The rendered name counts, not the template: {experiment} brings 245 characters.
+        (["experiment.name=" + "e" * 245, "experiment.run_name={experiment}-{timestamp}"], "experiment.run_name",
+         "is 261 characters long"),
+        (["experiment.name=" + "e" * 300], "experiment.name", "holds at most 256"),
+        (["registered_model.name=team/model"], "registered_model.name", "contains '/' or ':'"),
+        (["registered_model.name=" + "m" * 257], "registered_model.name", "holds at most 256"),
+        (["checkpoints.path_template=" + "c" * 250 + "-{step}"], "checkpoints.path_template",
+         "at most 255 per component"),
+    ],
+)
+def test_names_too_long_or_empty_are_refused_at_load(cfg_dir, overrides, key, needle):
+    err = error(cfg_dir, BASE, overrides)
+    assert err.key == key and needle in str(err), str(err)
+
+
+def test_run_name_at_the_limit_loads(cfg_dir):
+    cfg = load_config(write(cfg_dir, BASE), ["experiment.run_name=" + "r" * 250])
+    assert len(cfg.run_name()) == 250

@@ -118,3 +118,42 @@ def test_render_run_name():
     assert render_run_name("{model}-{task}", model="bert", task="cls") == "bert-cls"
     with pytest.raises(ValueError, match=r"unknown field \{modle\}; available fields: model, task"):
         render_run_name("{modle}", model="bert", task="cls")
+
+
+def test_run_dir_name_fits_one_path_component_whatever_the_run_name():
+    run_id = "0123456789abcdef0123456789abcdef"
+    name = run_dir_name("r" * 250, run_id)  # MLflow's longest run name
+    assert len(name.encode()) == 255 and name.endswith("-" + run_id) and name.startswith("r" * 200)
+    assert run_dir_name("r" * 250, run_id) != run_dir_name("r" * 250, "f" * 32)
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ("x" * 250 + "-{step}", "has a component of 263 bytes; the store reads back at most 255 per component"),
+        ("{step:0300d}", "has a component of 300 bytes"),
+        ("{eval_loss:0>250}-{step}", "the store reads back at most 255 per component"),  # 0-padded
+        ("/".join(["y" * 200] * 3) + "-{step}", "at most 512 fit in an S3 key (1024 bytes)"),
+    ],
+)
+def test_validate_template_refuses_names_the_store_cannot_read_back(template, needle):
+    with pytest.raises(ValueError, match="its longest name") as exc:
+        validate_template(template)
+    assert needle in str(exc.value)
+
+
+def test_validate_template_takes_the_longest_value_of_each_field():
+    # 12 step digits, 18 for a metric under 1e15 with 4 decimals, 19 for a float's repr: fits.
+    assert validate_template("{epoch}-{eval_loss:.4f}-{step:08d}") == ["eval_loss"]
+    # At the edge: 222 literal characters, the longest epoch (19, "0.30000000000000004"), "-" and
+    # 12 step digits make 254 bytes; 3 more characters make 257.
+    assert validate_template("e" * 222 + "{epoch}-{step}") == []
+    with pytest.raises(ValueError, match="component of"):
+        validate_template("e" * 225 + "{epoch}-{step}")
+
+
+def test_checkpoint_store_path_refuses_a_name_too_long_for_the_store():
+    from mltrainer.limits import NameTooLongError
+
+    with pytest.raises(NameTooLongError, match="component of 308 bytes"):
+        checkpoint_store_path("{eval_loss:.4f}-{step}", step=1, metrics={"eval_loss": 1e300})

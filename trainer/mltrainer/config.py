@@ -35,6 +35,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError, did_you_mean, unknown_key_error
+from .limits import (
+    EXPERIMENT_NAME_MAX_CHARS,
+    RUN_NAME_MAX_CHARS,
+    NameTooLongError,
+    check_length,
+    registered_model_name_problem,
+)
 from .naming import render_run_name, sanitize_component
 from .policy import CheckpointPolicy
 
@@ -42,6 +49,9 @@ TASKS = ("sequence-classification", "causal-lm")
 DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 RUN_NAME_FIELDS = ("model", "task", "experiment", "timestamp", "config_hash")
 DEFAULT_RUN_NAME = "{model}-{task}"
+# Every moment renders {timestamp} (YYYYmmdd-HHMMSS) to as many characters, so one rendering at
+# load time has the length and the characters of every run name the config will produce.
+_SAMPLE_TIMESTAMP = datetime(2000, 1, 1, tzinfo=timezone.utc)
 # TrainingArguments fields mltrainer sets itself; a user value would be silently overridden.
 OWNED_TRAINING_KEYS = {
     "output_dir": "set by mltrainer from output_root and the run name; use output_root",
@@ -394,7 +404,12 @@ def _experiment(data: Any) -> ExperimentConfig:
         if isinstance(v, (dict, list)) or v is None:
             raise ConfigError(f"experiment.tags.{k}", f"tag values must be scalars, got {type_name(v)} {v!r}")
         tags[k] = str(v).lower() if isinstance(v, bool) else str(v)
-    return ExperimentConfig(name=s.get_str("name"), run_name=run_name, tags=tags)
+    name = s.get_str("name")
+    try:
+        check_length("the experiment name", name, EXPERIMENT_NAME_MAX_CHARS, where="MLflow's database")
+    except NameTooLongError as exc:
+        raise ConfigError(s.key_of("name"), str(exc)) from None
+    return ExperimentConfig(name=name, run_name=run_name, tags=tags)
 
 
 def _model(data: Any, config_dir: Path | None) -> ModelConfig:
@@ -500,7 +515,10 @@ def _registered_model(data: Any) -> RegisteredModelConfig | None:
             s.key_of("alias"),
             f"{alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; not 'latest' or 'v<number>')",
         )
-    return RegisteredModelConfig(name=s.get_str("name"), alias=alias)
+    name = s.get_str("name")
+    if (problem := registered_model_name_problem(name)) is not None:
+        raise ConfigError(s.key_of("name"), problem)
+    return RegisteredModelConfig(name=name, alias=alias)
 
 
 def _tracking(data: Any) -> TrackingConfig:
@@ -530,6 +548,28 @@ def _check_eval_available(cfg: TrainConfig) -> None:
             "checkpoints.monitor",
             f"{policy.monitor!r} is only computed when training.eval_strategy is 'steps' or 'epoch'",
         )
+
+
+def _check_run_name(cfg: TrainConfig) -> None:
+    """The rendered run name must fit MLflow's column and leave something for the run's directory.
+
+    Checked on the name itself, not only the template: all its fields are known now but the
+    timestamp, whose length never changes. Too long, MLflow's database refused it with SQL text;
+    sanitized to nothing (``..``), the run was created before its directory name failed, and
+    stayed RUNNING.
+    """
+    name = cfg.run_name(_SAMPLE_TIMESTAMP)
+    try:
+        check_length("the rendered run name", name, RUN_NAME_MAX_CHARS, where="MLflow's database")
+        sanitize_component(name)
+    except NameTooLongError as exc:
+        raise ConfigError("experiment.run_name", str(exc)) from None
+    except ValueError:
+        raise ConfigError(
+            "experiment.run_name",
+            f"renders {name!r}, which leaves nothing to name the run's directory with "
+            "(it needs at least one letter, digit or '_')",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,6 +602,7 @@ def build_config(data: Any, *, config_dir: Path | None = None) -> TrainConfig:
     if cfg.registered_model is not None and not cfg.log_final_model:
         raise ConfigError("registered_model", "needs the final model: log_final_model must be true")
     _check_eval_available(cfg)
+    _check_run_name(cfg)
     return cfg
 
 

@@ -14,6 +14,8 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
+from .limits import PATH_COMPONENT_MAX_BYTES, check_store_path, preview
+
 DEFAULT_PATH_TEMPLATE = "step-{step:08d}"
 DEFAULT_ROOT = "checkpoints"
 
@@ -29,6 +31,16 @@ _DUMMY_EPOCH = 1.5
 _DUMMY_METRIC = 0.1234
 # Steps rendered to check that a template really tells checkpoints apart.
 _UNIQUENESS_PROBE_STEPS = (0, 1, 2, 9, 10, 11, 99, 100, 101, 12345, 12346, 10**8, 10**8 + 1)
+# Values rendered to find a template's longest name at config time, so a name the store cannot
+# read back is refused before any run. Each field takes, of its probes, the one that renders
+# longest. The bounds are those of real runs (steps below 10^12, metrics below 10^15 in
+# magnitude); a value beyond them is caught when that checkpoint is named (see
+# checkpoint_store_path), and the callback then stores it under the default name.
+_LENGTH_PROBE_STEPS = (0, 10**12 - 1)
+_LENGTH_PROBE_EPOCHS = (_DUMMY_EPOCH, 0.30000000000000004, 99999.99999999999)
+_LENGTH_PROBE_METRICS = (
+    _DUMMY_METRIC, -2.2250738585072014e-308, -123456789012345.67, -0.12345678901234568, float("nan"), float("-inf"),
+)
 
 
 def sanitize_component(s: str) -> str:
@@ -54,9 +66,14 @@ def run_dir_name(run_name: str, run_id: str) -> str:
     """Local directory name for one run: ``"{run_name}-{run_id}"``, both sanitized.
 
     Run names repeat across runs (they come from a template); the MLflow run id does not, so
-    appending it gives every run its own directory even when two runs share a name.
+    appending it gives every run its own directory even when two runs share a name. A name too
+    long for one path component next to the id (MLflow allows 250 characters) is cut: the id
+    alone already tells runs apart.
     """
-    return f"{sanitize_component(run_name)}-{sanitize_component(run_id)}"
+    run_part = sanitize_component(run_id)
+    room = max(1, PATH_COMPONENT_MAX_BYTES - 1 - len(run_part))
+    name_part = sanitize_component(run_name)[:room].rstrip("-")  # sanitized: ASCII, so chars are bytes
+    return f"{name_part}-{run_part}"
 
 
 def metric_field_name(metric: str) -> str:
@@ -165,11 +182,36 @@ def checkpoint_store_path(
     Raises:
         ValueError: naming the field when the template uses one that is not available (e.g. a
             metric not computed at this save), or when the result is not a safe relative path.
+        NameTooLongError: (a ValueError) when the result is longer than the store can read back.
     """
     fields = checkpoint_fields(step=step, epoch=epoch, metrics=metrics)
     rendered = _render(template, fields, "checkpoint path")
     safe_root = _safe_relative_path(root, "checkpoint root")
-    return f"{safe_root}/{_safe_relative_path(rendered, 'rendered checkpoint path')}"
+    path = f"{safe_root}/{_safe_relative_path(rendered, 'rendered checkpoint path')}"
+    check_store_path(path, what=f"the checkpoint path rendered from {preview(template)}")
+    return path
+
+
+def _longest_store_path(template: str, metric_names: list[str]) -> str:
+    """The longest store path ``template`` renders over the length probes (module constants).
+
+    A rendered name is its literals plus each field's text, so taking for every field the probe
+    that renders longest (the others fixed) gives the longest name over all probe combinations.
+    """
+    chosen: dict[str, Any] = {"step": _LENGTH_PROBE_STEPS[0], "epoch": _LENGTH_PROBE_EPOCHS[0],
+                              **{n: _LENGTH_PROBE_METRICS[0] for n in metric_names}}
+    probes = {"step": _LENGTH_PROBE_STEPS, "epoch": _LENGTH_PROBE_EPOCHS,
+              **{n: _LENGTH_PROBE_METRICS for n in metric_names}}
+
+    def rendered(values: dict[str, Any]) -> str:
+        metrics = {n: values[n] for n in metric_names}
+        fields = checkpoint_fields(step=values["step"], epoch=values["epoch"], metrics=metrics)
+        text = _render(template, fields, "checkpoint path")
+        return f"{DEFAULT_ROOT}/{_safe_relative_path(text, 'rendered checkpoint path')}"
+
+    for name, candidates in probes.items():
+        chosen[name] = max(candidates, key=lambda v: len(rendered({**chosen, name: v})))
+    return rendered(chosen)
 
 
 def validate_template(template: str) -> list[str]:
@@ -179,6 +221,8 @@ def validate_template(template: str) -> list[str]:
     unknown until training runs) and rendered with a dummy float, which catches bad format specs.
     The template must contain ``{step}`` and render distinct names for distinct steps, because
     each checkpoint needs a unique name: two saves must never overwrite each other in the store.
+    Its longest name (over realistic steps, epochs and metric values) must fit the store's key
+    limits (see ``limits``), or the checkpoint could be stored but never read back.
 
     Raises:
         ValueError: with a message saying what is wrong with the template.
@@ -191,6 +235,8 @@ def validate_template(template: str) -> list[str]:
             "'{epoch}-{eval_loss:.4f}-{step}')"
         )
     metric_names = [n for n in names if n not in ("step", "epoch")]
+    longest = _longest_store_path(template, metric_names)
+    check_store_path(longest, what=f"checkpoint path template {preview(template)}: its longest name")
     dummy_metrics = {n: _DUMMY_METRIC for n in metric_names}
     rendered = {
         checkpoint_store_path(template, step=s, epoch=_DUMMY_EPOCH, metrics=dummy_metrics)
