@@ -1,7 +1,7 @@
 import hashlib
 
 import pytest
-from mltrainer.params import REDACTED, flatten, is_secret_key, redact, redact_tree, shorten_key, truncate_values
+from mltrainer.params import flatten, shorten_key, truncate_values
 
 
 def test_flatten():
@@ -22,62 +22,6 @@ def test_flatten():
         "flag": "False",
     }
     assert flatten({"x": {"y": 1}}, prefix="cfg", sep="/") == {"cfg/x/y": "1"}
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["hub_token", "HF_TOKEN", "training.hub_token", "password", "db.passwd", "aws_secret_access_key",
-     "apiKey", "api-key", "API_KEY", "access_key", "private_key", "credentials", "auth", "Authorization",
-     "use_auth_token", "MLFLOW_TRACKING_PASSWORD"],
-)  # fmt: skip
-def test_secret_keys(key):
-    assert is_secret_key(key)
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["tokenizer", "model.tokenizer", "max_tokens", "pad_token_id", "eos_token", "author", "tags.author",
-     "hub_private_repo", "auth_type", "learning_rate", "key", "keyboard"],
-)  # fmt: skip
-def test_non_secret_keys(key):
-    assert not is_secret_key(key)
-
-
-def test_redact_by_key_and_value():
-    flat = {
-        "training.hub_token": "abc",
-        "unset_token": "None",
-        "note": "use hf_" + "a" * 34,
-        "aws": "AKIAABCDEFGHIJKLMNOP",
-        "openai": "sk-" + "x" * 40,
-        "tracking.uri": "https://bob:s3cr3t@mlflow.example.com/path",
-        "plain": "hello",
-        "short": "hf_x",
-    }
-    assert redact(flat) == {
-        "training.hub_token": REDACTED,
-        "unset_token": "None",
-        "note": REDACTED,
-        "aws": REDACTED,
-        "openai": REDACTED,
-        "tracking.uri": f"https://bob:{REDACTED}@mlflow.example.com/path",
-        "plain": "hello",
-        "short": "hf_x",
-    }
-    assert flat["training.hub_token"] == "abc"  # input untouched
-
-
-def test_redact_tree():
-    tree = {
-        "training": {"hub_token": "abc", "learning_rate": 3e-5, "list": ["ok", "hf_" + "b" * 34]},
-        "auth": {"user": "u", "pass": "p"},
-        "model": {"tokenizer": "bert"},
-    }
-    assert redact_tree(tree) == {
-        "training": {"hub_token": REDACTED, "learning_rate": 3e-5, "list": ["ok", REDACTED]},
-        "auth": REDACTED,
-        "model": {"tokenizer": "bert"},
-    }
 
 
 def test_truncate_values_exact_length():

@@ -44,6 +44,7 @@ from .limits import (
 )
 from .naming import render_run_name, sanitize_component
 from .policy import CheckpointPolicy
+from .redaction import Scrubber, secret_keys_in
 
 TASKS = ("sequence-classification", "causal-lm")
 DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -208,10 +209,16 @@ class TrainConfig:
         """The resolved config as plain data (what ``config_hash`` hashes and runs log)."""
         return dataclasses.asdict(self)
 
+    def scrubber(self) -> Scrubber:
+        """What takes the secrets of this config and of the environment out of everything a run stores."""
+        return Scrubber.for_run(self.to_dict())
+
     def run_name(self, timestamp: datetime | None = None) -> str:
         """Render ``experiment.run_name``. Fields: model (last part of name_or_path), task,
-        experiment, timestamp (UTC, ``YYYYmmdd-HHMMSS``) and config_hash."""
-        return render_run_name(self.experiment.run_name, **self._run_name_fields(timestamp))
+        experiment, timestamp (UTC, ``YYYYmmdd-HHMMSS``) and config_hash.
+
+        Any secret in it is replaced: the name is stored (run name, tag, local folder)."""
+        return self.scrubber().text(render_run_name(self.experiment.run_name, **self._run_name_fields(timestamp)))
 
     def run_name_pattern(self) -> str:
         """The run name as an MLflow ``LIKE`` pattern: the timestamp may be anything.
@@ -220,7 +227,7 @@ class TrainConfig:
         """
         fields = self._run_name_fields(None)
         fields["timestamp"] = "%"
-        return render_run_name(self.experiment.run_name, **fields).replace("'", "''")
+        return self.scrubber().text(render_run_name(self.experiment.run_name, **fields)).replace("'", "''")
 
     def _run_name_fields(self, timestamp: datetime | None) -> dict[str, str]:
         when = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc)
@@ -419,13 +426,18 @@ def _model(data: Any, config_dir: Path | None) -> ModelConfig:
     if num_labels is not None and task != "sequence-classification":
         raise ConfigError(s.key_of("num_labels"), f"only applies to task sequence-classification (task is {task!r})")
     tokenizer = s.get_str("tokenizer", None)
+    overrides = s.get_mapping("config_overrides")
+    # The model's config is saved with every checkpoint and with the final model, unredacted.
+    if secret := next(iter(secret_keys_in(overrides)), None):
+        raise ConfigError(f"{s.key_of('config_overrides')}.{secret}",
+                          "names a secret, but the model config is stored with every checkpoint and the final model")
     return ModelConfig(
         name_or_path=_model_location(s.get_str("name_or_path"), s.key_of("name_or_path"), config_dir),
         task=task,
         num_labels=num_labels,
         tokenizer=None if tokenizer is None else _model_location(tokenizer, s.key_of("tokenizer"), config_dir),
         from_config=s.get_bool("from_config", False),
-        config_overrides=s.get_mapping("config_overrides"),
+        config_overrides=overrides,
     )
 
 

@@ -1,7 +1,8 @@
 """The MLflow side of a training run: creating it, params, tags, versions, metrics, the final model.
 
-Everything here runs on rank 0 only. Params are flattened, redacted and cut to MLflow's limits
-with a visible marker; the full (redacted) config is logged as an artifact.
+Everything here runs on rank 0 only. Params are flattened, scrubbed of secrets and cut to MLflow's
+limits with a visible marker; the full (scrubbed) config is logged as an artifact. The run's name
+and tags go through the same scrubber (mltrainer.redaction).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from mltrainer.config import TrainConfig, config_hash
-from mltrainer.params import flatten, redact, redact_tree, truncate_values
+from mltrainer.params import flatten, truncate_values
+from mltrainer.redaction import Scrubber
 
 logger = logging.getLogger(__name__)
 
@@ -141,19 +143,22 @@ def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str, *, parent_
         tags["mlflow.source.git.commit"] = commit
     # Tag values over MLflow's 8000 characters make create_run fail outright (a database error);
     # cut them with the same visible marker as params (the full value is in config/config.yaml).
-    tags, cut = truncate_values(redact(tags), limit=MLFLOW_MAX_TAG_VALUE)
+    scrubber = cfg.scrubber()
+    tags, cut = truncate_values(scrubber.flat(tags), limit=MLFLOW_MAX_TAG_VALUE)
     if cut:
         logger.warning("tag values cut to MLflow's limit (full config in config/config.yaml): %s", ", ".join(cut))
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    # cfg.run_name() is scrubbed already; a name from elsewhere is stored (and tagged) too.
+    run = client.create_run(experiment_id, run_name=scrubber.text(run_name), tags=tags)
     return run.info.run_id
 
 
-def log_params(client: MlflowClient, run_id: str, groups: dict[str, dict[str, Any]]) -> list[str]:
-    """Log each group flattened under its prefix; returns the keys whose values were cut."""
+def log_params(client: MlflowClient, run_id: str, groups: dict[str, dict[str, Any]], scrubber: Scrubber) -> list[str]:
+    """Log each group scrubbed and flattened under its prefix; returns the keys whose values were cut."""
     flat: dict[str, str] = {}
     for prefix, values in groups.items():
-        flat.update(flatten(values, prefix=prefix))
-    flat, cut = truncate_values(redact(flat))
+        # Scrubbed before flattening: a secret-named key hides its whole nested value.
+        flat.update(flatten(scrubber.tree(values), prefix=prefix))
+    flat, cut = truncate_values(flat)
     params = [Param(k, v) for k, v in sorted(flat.items())]
     for i in range(0, len(params), MAX_BATCH):
         client.log_batch(run_id, params=params[i:i + MAX_BATCH])
@@ -165,7 +170,7 @@ def log_params(client: MlflowClient, run_id: str, groups: dict[str, dict[str, An
 def log_config_artifact(client: MlflowClient, run_id: str, cfg: TrainConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False))
+        path.write_text(yaml.safe_dump(cfg.scrubber().tree(cfg.to_dict()), sort_keys=False))
         client.log_artifact(run_id, str(path), "config")
 
 

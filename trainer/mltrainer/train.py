@@ -38,14 +38,18 @@ def final_metrics(log_history: list[dict]) -> dict[str, float]:
 
 
 def build_training_arguments(cfg: TrainConfig):
-    """Validate the pass-through values now; the real output directory is set once the run exists."""
-    from transformers import TrainingArguments
+    """Validate the pass-through values now; the real output directory is set once the run exists.
+
+    The arguments pickle without secrets: they become training_args.bin in every checkpoint.
+    """
+    from mltrainer.secret_free_args import SecretFreeTrainingArguments
 
     kwargs = dict(cfg.training)
     if kwargs.pop("report_to", None) not in (None, "none", []):
         logger.warning("training.report_to ignored: tracking is done by mltrainer's own callback")
     try:
-        return TrainingArguments(output_dir=str(Path(cfg.output_root) / ".pending"), report_to="none", **kwargs)
+        return SecretFreeTrainingArguments.create(cfg.scrubber(), output_dir=str(Path(cfg.output_root) / ".pending"),
+                                                  report_to="none", **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"training: {exc}") from None
 
@@ -117,7 +121,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
                     "config": cfg.to_dict(),
                     "model_config": prepared.model.config.to_dict(),
                     "args": args.to_dict(),
-                })
+                }, cfg.scrubber())
                 tracking.log_config_artifact(client, run_id, cfg)
             else:
                 client.update_run(run_id, status="RUNNING")
