@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from mltrainer import tracking
+from mltrainer.lease import LeaseKeeper
 from mltrainer.naming import checkpoint_store_path
 from mltrainer.policy import CheckpointPolicy
 from mltrainer.uploader import CheckpointUploader, UploadJob
@@ -39,9 +40,18 @@ def snapshot(src: Path, dst: Path) -> Path:
     return dst
 
 
+class ReachedMaxSteps(Exception):
+    """Training would start at or past ``max_steps``: the checkpoint resumed from is the last one.
+
+    The Trainer itself runs one more step in that case (it checks ``max_steps`` only after a
+    step), which logs a step past the end and stores a checkpoint no run should have.
+    """
+
+
 class StoreCheckpointsCallback(TrainerCallback):
     def __init__(self, *, client, run_id: str, policy: CheckpointPolicy, uploader: CheckpointUploader | None,
-                 snapshot_root: Path, is_main: bool, already_logged: dict[str, int] | None = None):
+                 snapshot_root: Path, is_main: bool, already_logged: dict[str, int] | None = None,
+                 lease: LeaseKeeper | None = None):
         self.client = client
         self.run_id = run_id
         self.policy = policy
@@ -53,6 +63,12 @@ class StoreCheckpointsCallback(TrainerCallback):
         # each (metric, step) once, so the history has no duplicates.
         self._already_logged = already_logged or {}
         self._first_step_logged = False
+        self.lease = lease
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Every rank sees the same state here, so under torchrun all of them stop together.
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise ReachedMaxSteps(f"step {state.global_step} is already max_steps ({state.max_steps})")
 
     def on_step_begin(self, args, state, control, **kwargs):
         # A fixed marker of "training really runs" (after any resume download and Trainer setup):
@@ -60,6 +76,10 @@ class StoreCheckpointsCallback(TrainerCallback):
         if not self._first_step_logged:
             self._first_step_logged = True
             logger.info("first training step started (step %d)", state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.lease is not None:
+            self.lease.check()  # another process took the run over: stop before logging or saving
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not self.is_main or not logs:

@@ -21,24 +21,34 @@ EXIT_RESUME = 5
 
 def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
     """Run ``action``; our error types become one line on stderr and an exit code, not a traceback."""
-    from mltrainer.resume import ResumeError
+    from mlflow.exceptions import MlflowException
+
+    from mltrainer import server_errors
+    from mltrainer.lease import RunInUseError
+    from mltrainer.resume import ResumeError, RunAlreadyFinished
     from mltrainer.tracking import TrackingError
     from mltrainer.uploader import UploadError
 
     try:
         return action(), None
+    except RunAlreadyFinished as exc:  # nothing to do is not a failure: a restart loop ends here
+        print(exc)
+        return None, 0
     except ValueError as exc:  # ConfigError included; also bad TrainingArguments values, columns, labels
         print(f"config error: {exc}", file=sys.stderr)
         return None, EXIT_CONFIG
     except TrackingError as exc:
         print(f"tracking error: {exc}", file=sys.stderr)
         return None, EXIT_TRACKING
-    except ResumeError as exc:
+    except (ResumeError, RunInUseError) as exc:
         print(f"resume error: {exc}", file=sys.stderr)
         return None, EXIT_RESUME
     except UploadError as exc:
         print(f"upload error: {exc}", file=sys.stderr)
         return None, EXIT_UPLOAD
+    except MlflowException as exc:  # the server refused a request; its message may hold SQL text
+        print(f"tracking error: {server_errors.describe(exc)}", file=sys.stderr)
+        return None, EXIT_TRACKING
 
 
 def _train(argv: list[str]) -> int:

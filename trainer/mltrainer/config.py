@@ -42,14 +42,18 @@ from .limits import (
     check_length,
     registered_model_name_problem,
 )
+from .lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS
 from .naming import render_run_name, sanitize_component
 from .policy import CheckpointPolicy
+from .run_match import RunNamePattern
 from .redaction import Scrubber, secret_keys_in
 
 TASKS = ("sequence-classification", "causal-lm")
 DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 RUN_NAME_FIELDS = ("model", "task", "experiment", "timestamp", "config_hash")
 DEFAULT_RUN_NAME = "{model}-{task}"
+RUN_NAME_TIMESTAMP = "%Y%m%d-%H%M%S"  # UTC
+RUN_NAME_TIMESTAMP_REGEX = r"\d{8}-\d{6}"  # what RUN_NAME_TIMESTAMP renders
 # Every moment renders {timestamp} (YYYYmmdd-HHMMSS) to as many characters, so one rendering at
 # load time has the length and the characters of every run name the config will produce.
 _SAMPLE_TIMESTAMP = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -190,6 +194,9 @@ class TrackingConfig:
     # call). Every request costs the server tens of ms of CPU; at logging_steps=5 a small model
     # sent 6 a second, and on a shared box that CPU came out of the training steps (bench/).
     metrics_flush_seconds: int = 2
+    # A trainer renews its lease on the run 4 times per lease; a run whose lease was not renewed
+    # for this long counts as abandoned (crashed) and may be resumed by another process (lease.py).
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -220,14 +227,13 @@ class TrainConfig:
         Any secret in it is replaced: the name is stored (run name, tag, local folder)."""
         return self.scrubber().text(render_run_name(self.experiment.run_name, **self._run_name_fields(timestamp)))
 
-    def run_name_pattern(self) -> str:
-        """The run name as an MLflow ``LIKE`` pattern: the timestamp may be anything.
-
-        ``--resume latest`` finds the newest run of this config with it.
-        """
+    def run_name_pattern(self) -> RunNamePattern:
+        """The names runs of this config get, whatever their timestamp (``--resume latest``)."""
+        placeholder = "\0timestamp\0"  # no rendered field can contain a NUL
         fields = self._run_name_fields(None)
-        fields["timestamp"] = "%"
-        return self.scrubber().text(render_run_name(self.experiment.run_name, **fields)).replace("'", "''")
+        fields["timestamp"] = placeholder
+        rendered = self.scrubber().text(render_run_name(self.experiment.run_name, **fields))
+        return RunNamePattern.from_rendered(rendered, placeholder, RUN_NAME_TIMESTAMP_REGEX)
 
     def _run_name_fields(self, timestamp: datetime | None) -> dict[str, str]:
         when = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc)
@@ -235,7 +241,7 @@ class TrainConfig:
             "model": _model_short_name(self.model.name_or_path),
             "task": self.model.task,
             "experiment": self.experiment.name,
-            "timestamp": when.strftime("%Y%m%d-%H%M%S"),
+            "timestamp": when.strftime(RUN_NAME_TIMESTAMP),
             "config_hash": config_hash(self),
         }
 
@@ -534,14 +540,15 @@ def _registered_model(data: Any) -> RegisteredModelConfig | None:
 
 
 def _tracking(data: Any) -> TrackingConfig:
-    s = _Section(data, "tracking", ["uri", "metrics_flush_seconds"])
+    s = _Section(data, "tracking", ["uri", "metrics_flush_seconds", "lease_seconds"])
     uri = s.get_str("uri", None)
     if uri is not None and urlsplit(uri).password is not None:
         raise ConfigError(
             s.key_of("uri"),
             "must not contain a password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment",
         )
-    return TrackingConfig(uri=uri, metrics_flush_seconds=s.get_int("metrics_flush_seconds", 2, minimum=0))
+    return TrackingConfig(uri=uri, metrics_flush_seconds=s.get_int("metrics_flush_seconds", 2, minimum=0),
+                          lease_seconds=s.get_int("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS))
 
 
 def _check_eval_available(cfg: TrainConfig) -> None:

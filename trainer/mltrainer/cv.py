@@ -159,8 +159,7 @@ def run_cv(setup: CvSetup) -> CvOutcome:
     workdir = Path(tempfile.mkdtemp(prefix="mltrainer-cv-"))
     try:
         fold_files, parts = write_fold_files(setup, workdir)
-        experiment = client.get_experiment_by_name(cfg.experiment.name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment.name)
+        experiment_id = tracking.get_or_create_experiment(client, cfg.experiment.name)
         tags = {TAG_CV: "true", tracking.TAG_MODEL: cfg.model.name_or_path, tracking.TAG_TASK: cfg.model.task,
                 tracking.TAG_DATASET: tracking.dataset_name(cfg), **cfg.experiment.tags}
         if commit := tracking.git_commit():

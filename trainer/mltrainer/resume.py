@@ -1,19 +1,22 @@
 """Resume a training from the store on a fresh machine, into the same MLflow run.
 
-Everything that can refuse a resume (unknown run, mismatched config, no usable checkpoint) is
-decided before anything in the store changes: only once a verified checkpoint is on local disk
-does the run go back to RUNNING.
+Everything that can refuse a resume (unknown run, mismatched config, a FINISHED run, a run another
+live trainer holds, no usable checkpoint) is decided before anything in the store changes: the
+run's lease is claimed only then (lease.py), undone if no checkpoint downloads, and only once a
+verified checkpoint is on local disk does the run go back to RUNNING.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mltrainer import tracking
+from mltrainer import server_errors, tracking
 from mltrainer.config import TrainConfig
+from mltrainer.lease import LeaseKeeper, RunInUseError, holder, in_use_message
 from mltrainer.manifest import Manifest
 from mltrainer.naming import run_dir_name
 from mltrainer.policy import RetentionState
@@ -23,8 +26,22 @@ from mltrainer.transfer import RunArtifacts
 logger = logging.getLogger(__name__)
 
 
+LATEST_PAGE_SIZE = 100
+
+
 class ResumeError(RuntimeError):
     """A resume that cannot proceed; the message says why. Nothing in the store was changed."""
+
+
+class RunAlreadyFinished(Exception):
+    """The run to resume ended FINISHED: there is nothing to do, and nothing is done."""
+
+    def __init__(self, run):
+        self.run_id = run.info.run_id
+        latest = run.data.tags.get(tracking.TAG_LATEST) or "none"
+        super().__init__(f"run {run.info.run_name} ({self.run_id}) already finished (status FINISHED, latest "
+                         f"checkpoint {latest}): nothing to resume, nothing changed; to train further, start "
+                         f"a new run")
 
 
 @dataclass
@@ -44,7 +61,7 @@ def run_lookup_error(run_id: str, exc: Exception) -> str:
     text = str(exc)
     if "403" in text or "404" in text or "RESOURCE_DOES_NOT_EXIST" in text:
         return f"run {run_id!r} not found (or not readable by this MLflow user)"
-    return f"run {run_id!r} could not be read: {text.splitlines()[0]}"
+    return f"run {run_id!r} could not be read: {server_errors.describe(exc)}"
 
 
 def resolve_run(client, cfg: TrainConfig, ref: str):
@@ -60,13 +77,20 @@ def resolve_run(client, cfg: TrainConfig, ref: str):
     if experiment is None:
         raise ResumeError(f"--resume latest: experiment {cfg.experiment.name!r} has no runs")
     pattern = cfg.run_name_pattern()
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if not runs:
-        raise ResumeError(f"--resume latest: no run named like {pattern!r} in experiment {cfg.experiment.name!r}")
-    return runs[0]
+    # The server's LIKE can match more than this config's name (see run_match): page through its
+    # answers, newest first, until one has exactly the name.
+    page_token = None
+    while True:
+        runs = client.search_runs([experiment.experiment_id], filter_string=pattern.search_filter(),
+                                  order_by=["attributes.start_time DESC"], max_results=LATEST_PAGE_SIZE,
+                                  page_token=page_token)
+        for run in runs:
+            if pattern.matches(run.info.run_name):
+                return run
+        page_token = runs.token
+        if not page_token:
+            raise ResumeError(f"--resume latest: no run named {str(pattern)!r} in experiment "
+                              f"{cfg.experiment.name!r}")
 
 
 def check_compatible(run, cfg: TrainConfig) -> None:
@@ -134,10 +158,21 @@ def _pick(candidates: list[Manifest], which: str | None) -> list[Manifest]:
                       f"(complete: {', '.join(m.store_path for m in ordered) or 'none'})")
 
 
-def prepare_resume(client, cfg: TrainConfig, ref: str, which: str | None = None) -> ResumePoint:
+def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which: str | None = None) -> ResumePoint:
+    """Find the run, check it, claim its lease and download its checkpoint.
+
+    Raises :class:`RunAlreadyFinished` for a FINISHED run and ``RunInUseError`` for a run another
+    live process trains, before anything is written. On success ``lease`` holds the run (and keeps
+    renewing it); on any later failure the claim is undone.
+    """
     run = resolve_run(client, cfg, ref)
     check_compatible(run, cfg)
     run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        raise RunAlreadyFinished(run)
+    now = time.time()
+    if (live := holder(run.data.tags, now)) is not None:
+        raise RunInUseError(in_use_message(run_id, live, now))
     store = RunArtifacts.for_artifact_uri(run.info.artifact_uri)
     found = scan(client, run_id, store=store)
     for c in found:
@@ -146,8 +181,23 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, which: str | None = None)
     complete = [c.manifest for c in found if c.manifest is not None]
     if not complete:
         raise ResumeError(f"run {run_id} has no complete checkpoint in the store")
+    candidates = _pick(complete, which)
+    # Claimed before the download: a rival resumer is refused at once instead of downloading
+    # into the same local folder, and the lease is renewed while the download runs.
+    lease.claim(run_id)
+    lease.hold(run_id)
+    try:
+        return _download_and_restore(run, cfg, store, complete, candidates)
+    except BaseException:
+        lease.abandon(run_id)
+        raise
+
+
+def _download_and_restore(run, cfg: TrainConfig, store: RunArtifacts, complete: list[Manifest],
+                          candidates: list[Manifest]) -> ResumePoint:
+    run_id = run.info.run_id
     run_dir = Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id)
-    for manifest in _pick(complete, which):
+    for manifest in candidates:
         local = run_dir / f"checkpoint-{manifest.step}"
         if local.exists():
             shutil.rmtree(local)

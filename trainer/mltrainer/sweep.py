@@ -451,11 +451,6 @@ class SweepOutcome:
     ran_now: int
 
 
-def get_or_create_experiment(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
-
-
 def create_parent(client, loaded: LoadedSweep, experiment_id: str) -> str:
     from mlflow.entities import Param
 
@@ -596,7 +591,9 @@ def run_optuna(loaded: LoadedSweep, client, *, max_trials: int | None, fresh: bo
     if study.direction.name.lower() != direction:
         raise ConfigError("search.direction", f"study {spec.name!r} in {url} was created with direction "
                                               f"{study.direction.name.lower()}; use --fresh or another name")
-    experiment_id = get_or_create_experiment(client, loaded.base_cfg.experiment.name)
+    from mltrainer import tracking
+
+    experiment_id = tracking.get_or_create_experiment(client, loaded.base_cfg.experiment.name)
     attrs = study.user_attrs
     if attrs.get(SPEC_HASH_ATTR) not in (None, spec.identity_hash()):
         raise ConfigError("search", f"the sweep changed since study {spec.name!r} was created in {url} "
@@ -747,7 +744,9 @@ def run_ray(loaded: LoadedSweep, client, *, max_trials: int | None) -> SweepOutc
 
     spec = loaded.spec
     n = spec.trials if max_trials is None else min(spec.trials, max_trials)
-    experiment_id = get_or_create_experiment(client, loaded.base_cfg.experiment.name)
+    from mltrainer import tracking
+
+    experiment_id = tracking.get_or_create_experiment(client, loaded.base_cfg.experiment.name)
     parent_run_id = create_parent(client, loaded, experiment_id)
     logger.info("sweep %s (ray): parent run %s, %d trials", spec.name, parent_run_id, n)
     job = TrialJob(spec.name, loaded.base_data, loaded.config_dir, parent_run_id, experiment_id, spec.metric,

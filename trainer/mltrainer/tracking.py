@@ -124,10 +124,30 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if it does not exist yet.
+
+    Two trainers starting a new experiment at once both see it missing and both create it; the
+    server refuses the second (RESOURCE_ALREADY_EXISTS, with the database's error and SQL text in
+    its message), which just means the other one won: read it back instead.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:  # created and deleted again in between: nothing sensible to join
+        raise TrackingError(f"experiment {name!r} was created by another client and is gone again")
+    return experiment.experiment_id
+
+
 def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str, *, parent_run_id: str | None = None,
                extra_tags: dict[str, str] | None = None) -> str:
-    experiment = client.get_experiment_by_name(cfg.experiment.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment.name)
+    experiment_id = get_or_create_experiment(client, cfg.experiment.name)
     tags = {
         TAG_MODEL: cfg.model.name_or_path,
         TAG_TASK: cfg.model.task,
@@ -206,6 +226,17 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def final_model_uri(client: MlflowClient, run_id: str) -> str | None:
+    """The URI of the final model the run logged (see :func:`log_final_model`), if complete."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
 
 
 def log_final_model(run_id: str, model, tokenizer, task: str, registered: Any | None) -> str:

@@ -76,12 +76,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
     ``parent_run_id`` makes the run a nested child (sweep trials, cross-validation folds).
     """
     from mlflow.tracking import MlflowClient
-    from transformers import Trainer
 
-    from mltrainer.callback import StoreCheckpointsCallback
-    from mltrainer.modeling import prepare
-    from mltrainer.resume import prepare_resume
-    from mltrainer.uploader import CheckpointUploader
+    from mltrainer.lease import LeaseKeeper
 
     if cfg.tracking.uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri
@@ -89,12 +85,30 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
     _ = args.device  # initialises torch.distributed under torchrun/accelerate
     main = is_main_process()
     client = MlflowClient()
+    # This process's lease on its run (rank 0 only): no second trainer may resume it meanwhile.
+    lease = LeaseKeeper(client, cfg.tracking.lease_seconds) if main else None
+    try:
+        return _train(cfg, args, client, lease, main, resume, resume_checkpoint, parent_run_id, extra_tags)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None, resume_checkpoint: str | None,
+           parent_run_id: str | None, extra_tags: dict[str, str] | None) -> TrainResult:
+    from transformers import Trainer
+
+    from mltrainer.callback import ReachedMaxSteps, StoreCheckpointsCallback
+    from mltrainer.lease import RunInUseError
+    from mltrainer.modeling import prepare
+    from mltrainer.resume import prepare_resume
+    from mltrainer.uploader import CheckpointUploader
 
     point = None
     if main:
         tracking.check_server(client)
         if resume is not None:
-            point = prepare_resume(client, cfg, resume, resume_checkpoint)
+            point = prepare_resume(client, cfg, resume, lease, resume_checkpoint)
     # Seed before the model is built: a model made from a config gets the same initial weights
     # every time, so two runs of one config are comparable (and a resume matches a straight run).
     from transformers import set_seed
@@ -107,7 +121,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
             run_id, run_name = point.run_id, point.run_name
         else:
             run_name = cfg.run_name()
-            run_id = tracking.create_run(client, cfg, run_name, parent_run_id=parent_run_id, extra_tags=extra_tags)
+            run_id = tracking.create_run(client, cfg, run_name, parent_run_id=parent_run_id,
+                                         extra_tags={**(extra_tags or {}), **lease.initial_tags()})
+            lease.hold(run_id)
     run_id, run_name, resume_dir = share((run_id, run_name, str(point.local_dir) if point else None))
     run_dir = Path(cfg.output_root).resolve() / run_dir_name(run_name, run_id)
     args.output_dir = str(run_dir)
@@ -145,26 +161,41 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
         callback = StoreCheckpointsCallback(
             client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
             snapshot_root=run_dir / ".upload-snapshots", is_main=main,
-            already_logged=point.logged_steps if point else None,
+            already_logged=point.logged_steps if point else None, lease=lease,
         )
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset, data_collator=prepared.data_collator,
             processing_class=prepared.tokenizer, callbacks=[callback],
         )
-        output = trainer.train(resume_from_checkpoint=resume_dir)
+        try:
+            output = trainer.train(resume_from_checkpoint=resume_dir)
+            train_loss = output.training_loss
+        except ReachedMaxSteps as reached:
+            # The run crashed after its last step was stored (during the final upload or model
+            # logging): finish what is missing, without training.
+            logger.info("%s: nothing left to train; finishing run %s", reached, run_id)
+            train_loss = None
+            if uploader is not None:
+                uploader.close(progress=False)
         model_uri = None
         if main:
             import mlflow
 
             mlflow.flush_async_logging()
-            if cfg.log_final_model:
+            lease.check()  # a run taken over by another process is theirs to finish
+            # A resumed run may have logged its final model before it crashed: never a second one.
+            if point is not None and (model_uri := tracking.final_model_uri(client, run_id)):
+                logger.info("run %s already has its final model %s; not logged again", run_id, model_uri)
+            elif cfg.log_final_model:
                 model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
                                                      cfg.registered_model)
             client.set_terminated(run_id, "FINISHED")
-        return TrainResult(run_id, run_dir, trainer.state.global_step, output.training_loss, model_uri,
+        return TrainResult(run_id, run_dir, trainer.state.global_step, train_loss, model_uri,
                            final_metrics(trainer.state.log_history))
-    except BaseException:
+    except BaseException as exc:
+        if main and isinstance(exc, RunInUseError):
+            raise  # the run is someone else's now: its status is theirs to set
         if main:
             try:
                 import mlflow
