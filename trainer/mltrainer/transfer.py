@@ -13,7 +13,8 @@ from the same bytes (``checksum``), so checking the download costs no second rea
 
 The first failure of the direct path (an S3 endpoint this machine cannot reach, a URL signed for
 another host) is reported once, and from then on this process uses the server: a checkpoint is
-never lost because a shortcut did not work.
+never lost because a shortcut did not work. A 404 is not such a failure: the object is missing
+whichever way it is asked for, so it ends the download at once (``ArtifactMissingError``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ TIMEOUT = (10, 300)  # connect, read (seconds)
 
 class DirectTransferError(RuntimeError):
     """A part or range could not be moved straight to or from S3."""
+
+
+class ArtifactMissingError(FileNotFoundError):
+    """The store has no object at a path that should hold one (404 from the server or from S3).
+
+    Final: no retry and no other route (direct or through the server) will find it, so none is
+    tried. The message says what is missing; the caller says which file of what it was.
+    """
+
+    def __init__(self, remote_path: str):
+        super().__init__(f"missing from the run's artifact store (404 Not Found): {remote_path}")
+        self.remote_path = remote_path
+
+
+def _raise_if_missing(resp, remote_path: str) -> None:
+    if resp.status_code == 404:
+        raise ArtifactMissingError(remote_path)
 
 
 def part_ranges(size: int, part_size: int = PART_SIZE) -> list[tuple[int, int]]:
@@ -220,6 +238,8 @@ class RunArtifacts:
         if (size is None or size >= self.direct_min_size) and self._direct_offered("download"):
             try:
                 return self._download_direct(remote_path, local_path, checksum)
+            except ArtifactMissingError:
+                raise  # the server would answer the same: not a reason to stop going direct either
             except Exception as exc:  # noqa: BLE001 - the proxied path below is the answer
                 self._give_up_direct(f"download of {remote_path}", exc)
         return self._download_proxied(remote_path, local_path, checksum)
@@ -230,6 +250,7 @@ class RunArtifacts:
         digest = new_checksum(checksum)
         resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET", stream=True)
         with resp:
+            _raise_if_missing(resp, remote_path)
             augmented_raise_for_status(resp)
             with open(local_path, "wb") as out:
                 for block in resp.iter_content(READ_SIZE):
@@ -244,7 +265,14 @@ class RunArtifacts:
         return getattr(file_digest(local_path), checksum)
 
     def _download_direct(self, remote_path: str, local_path: Path, checksum: str) -> str:
-        presigned = self.repo._get_presigned_download_url(remote_path)
+        from requests import HTTPError
+
+        try:
+            presigned = self.repo._get_presigned_download_url(remote_path)  # the server looks for the object
+        except HTTPError as exc:
+            if exc.response is not None:
+                _raise_if_missing(exc.response, remote_path)
+            raise
         size = presigned.file_size
         if size is None:
             raise DirectTransferError("the server did not say how large the file is")
@@ -261,6 +289,7 @@ class RunArtifacts:
                     return crc
                 headers = {**(presigned.headers or {}), "Range": f"bytes={offset}-{offset + length - 1}"}
                 with self._session().get(presigned.url, headers=headers, stream=True, timeout=TIMEOUT) as resp:
+                    _raise_if_missing(resp, remote_path)  # deleted since the server found it
                     if resp.status_code not in (200, 206):
                         raise DirectTransferError(f"bytes {offset}+{length}: HTTP {resp.status_code}")
                     if resp.status_code == 200 and length != size:
@@ -305,6 +334,7 @@ class RunArtifacts:
         from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
         resp = http_request(self.repo._host_creds, posixpath.join("/", remote_path), "GET")
+        _raise_if_missing(resp, remote_path)
         augmented_raise_for_status(resp)
         return resp.content
 
