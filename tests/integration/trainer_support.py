@@ -159,6 +159,25 @@ def wait_for(check, *, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def kill_tree_of(proc: subprocess.Popen) -> None:
+    """SIGKILL a trainer and its children, as a dead node would: nothing gets to clean up."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)
+
+
+def wait_until_resumable(client: MlflowClient, run_id: str, timeout: float) -> None:
+    """Wait for the lease of a killed trainer to run out (mltrainer/lease.py): only then may a resume take its run."""
+    from mltrainer.lease import holder
+
+    wait_for(lambda: holder(client.get_run(run_id).data.tags, time.time()) is None, timeout=timeout,
+             what=f"the lease on run {run_id} to expire")
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
