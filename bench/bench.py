@@ -360,15 +360,22 @@ def case_resume(b: Bench) -> dict:
     log(f"resume: run {run_id} holds a {setup['checkpoint_bytes'] / MB:.0f} MB checkpoint")
     sets = train_sets({**payload, "steps": 2})
     argv = ["--config", str(REPO / "configs" / "tiny.yaml"), *[x for s in sets for x in ("--set", s)]]
+    from mlflow.tracking import MlflowClient
+
+    from mltrainer.lease import LEASE_TAG
+
+    os.environ.update(b.mlflow_env)
+    client = MlflowClient()
     prefix = None
     if b.s3:
-        from mlflow.tracking import MlflowClient
-
-        os.environ.update(b.mlflow_env)
-        run = MlflowClient().get_run(run_id)
+        run = client.get_run(run_id)
         prefix = (f"artifacts/{run.info.experiment_id}/{run_id}/artifacts/checkpoints/step-00000001")
     resume, fresh, direct = [], [], []
     for rep in range(a.repeat):
+        # Each repetition resumes a crashed run: a FINISHED one is not resumed, and the resumer
+        # stopped at its first step still holds its lease (it is measured, not waited for).
+        client.set_terminated(run_id, "FAILED")
+        client.delete_tag(run_id, LEASE_TAG)
         resume.append(time_to_first_step(b, [*argv, "--resume", run_id]))
         fresh.append(time_to_first_step(b, argv))
         if prefix:
