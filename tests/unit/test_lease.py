@@ -136,7 +136,9 @@ def test_abandon_puts_the_previous_tag_back():
     mine = keeper(client)
     mine.claim("run1")
     mine.abandon("run1")
+    mine.release()  # what the trainer's exit path does next must not write over it
     assert client.tags[LEASE_TAG] == dead
+    assert not mine.lost.is_set()
 
     client = FakeRunTags()
     mine = keeper(client)

@@ -191,6 +191,7 @@ class LeaseKeeper:
     def abandon(self, run_id: str) -> None:
         """Undo a claim whose resume could not proceed: the tag is put back as it was."""
         self._stop_renewing()
+        self.run_id = None  # nothing left to release
         try:
             if self._previous is None:
                 self.client.delete_tag(run_id, LEASE_TAG)
