@@ -250,3 +250,48 @@ def test_no_secret_in_local_output_files(planted, native_stack, trained):
     assert any(p.name == "training_args.bin" for p in files)
     leaks = {str(p): hits for p in files if (hits := find_secrets(p.read_bytes(), wanted))}
     assert not leaks, leaks
+
+
+# -- runs that are not trainings: a sweep's parent and a cross-validation's parent ----------------
+
+FAST = ["training.max_steps=2", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
+        "data.max_train_samples=32", "data.max_eval_samples=16", "log_final_model=false"]
+
+
+def test_sweep_and_cross_validation_parents_store_no_secret(native_stack, tmp_path):
+    """Their runs are created outside a training: name, tags, params and the sweep file stored with them."""
+    planted = {"hub_token": "hf_" + _alnum(34), "pwd": "pwd-" + secrets.token_hex(12),
+               "sweep_token": "ghp_" + _alnum(36), "env_service": "svc-" + secrets.token_hex(12)}
+    env = trainer_env(native_stack, MY_SERVICE_PASSWORD=planted["env_service"], RAY_USAGE_STATS_ENABLED="0")
+    experiment = unique_experiment("secrets-side")
+    secret_sets = [f"training.hub_token={planted['hub_token']}", f"experiment.tags.pwd={planted['pwd']}",
+                   f"experiment.tags.endpoint=db://svc@{planted['env_service']}/x", f"experiment.name={experiment}",
+                   f"output_root={tmp_path / 'out'}"]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": f"lr-{planted['sweep_token']}", "base": str(REPO / TINY), "overrides": [*FAST, *secret_sets],
+        "search": {"space": {"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}},
+                   "trials": 1, "metric": "eval_loss", "direction": "minimize"},
+    }, sort_keys=False))
+    done = run_cli(native_stack, "sweep", "--config", str(sweep), env=env, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    cv_args = ["cv", "--config", str(REPO / TINY), "--folds", "2", "--metric", "eval_loss"]
+    for override in [*FAST, *secret_sets]:
+        cv_args += ["--set", override]
+    done = run_cli(native_stack, *cv_args, env=env, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    with trainer_client(native_stack) as client:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(runs) == 1 + 1 + 2 + 1 and len(parents) == 2  # sweep + trial, cv + 2 folds
+        for run in runs:
+            assert run.data.tags["pwd"] == REDACTED, run.info.run_name
+            assert run.data.tags["endpoint"] == f"db://svc@{REDACTED}/x", run.info.run_name
+        stored = {key: native_stack.s3_root().get_object(Bucket=native_stack.bucket, Key=key)["Body"].read()
+                  for run in parents for key in native_stack.bucket_keys(artifact_prefix(client, run.info.run_id))}
+    assert any(key.endswith("sweep/sweep.yaml") for key in stored)
+    leaks = {key: hits for key, data in stored.items() if (hits := find_secrets(data, planted))}
+    assert not leaks, leaks
+    assert not find_secrets(database_rows(native_stack), planted)

@@ -164,13 +164,13 @@ def run_cv(setup: CvSetup) -> CvOutcome:
                 tracking.TAG_DATASET: tracking.dataset_name(cfg), **cfg.experiment.tags}
         if commit := tracking.git_commit():
             tags["mlflow.source.git.commit"] = commit
-        parent_run_id = client.create_run(experiment_id, run_name=f"{cfg.run_name()}-cv{setup.folds}",
-                                          tags=tags).info.run_id
+        scrubber = cfg.scrubber()
+        parent_run_id = tracking.open_run(client, experiment_id, f"{cfg.run_name()}-cv{setup.folds}", tags, scrubber)
         logger.info("cross-validation: parent run %s, %d folds", parent_run_id, setup.folds)
         params = {"cv.folds": str(setup.folds), "cv.seed": str(setup.seed), "cv.metrics": ",".join(setup.metrics),
                   "cv.train_file": cfg.data.files.train, "cv.std": "population (ddof=0)",
                   "cv.fold_sizes": json.dumps([len(p) for p in parts]), "cv.config": str(setup.config_path)}
-        client.log_batch(parent_run_id, params=[Param(k, v) for k, v in params.items()])
+        tracking.log_flat_params(client, parent_run_id, params, scrubber)
         folds_json = workdir / "folds.json"
         folds_json.write_text(json.dumps({"seed": setup.seed, "train_file": cfg.data.files.train,
                                           "eval_rows_by_fold": parts}))

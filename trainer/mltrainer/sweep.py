@@ -452,8 +452,6 @@ class SweepOutcome:
 
 
 def create_parent(client, loaded: LoadedSweep, experiment_id: str) -> str:
-    from mlflow.entities import Param
-
     from mltrainer import tracking
 
     spec = loaded.spec
@@ -461,7 +459,10 @@ def create_parent(client, loaded: LoadedSweep, experiment_id: str) -> str:
             TAG_SWEEP_STATE: "running", **loaded.base_cfg.experiment.tags}
     if commit := tracking.git_commit():
         tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=f"{spec.name}-sweep", tags=tags)
+    # The base config's secrets (and the environment's) are taken out of all the parent stores,
+    # the sweep file included: its overrides may set them.
+    scrubber = loaded.base_cfg.scrubber()
+    run_id = tracking.open_run(client, experiment_id, f"{spec.name}-sweep", tags, scrubber)
     params = {
         "search.algorithm": {"tpe": "TPE", "random": "random", "grid": "grid"}[spec.algorithm],
         "search.backend": spec.backend,
@@ -475,9 +476,9 @@ def create_parent(client, loaded: LoadedSweep, experiment_id: str) -> str:
         "sweep.base_config": spec.base,
         "sweep.overrides": json.dumps(list(spec.overrides)),
     }
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    client.log_artifact(run.info.run_id, spec.path, "sweep")
-    return run.info.run_id
+    tracking.log_flat_params(client, run_id, params, scrubber)
+    tracking.log_text_file(client, run_id, Path(spec.path), "sweep", scrubber)
+    return run_id
 
 
 def best_of(spec: SweepSpec, records: Sequence[TrialRecord]) -> TrialRecord | None:

@@ -161,9 +161,15 @@ def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str, *, parent_
         tags["mlflow.parentRunId"] = parent_run_id
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
+    return open_run(client, experiment_id, run_name, tags, cfg.scrubber())
+
+
+def open_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
+             scrubber: Scrubber) -> str:
+    """Create a run with its name and tags scrubbed of secrets; every run mltrainer makes starts here
+    (trainings, sweep and cross-validation parents)."""
     # Tag values over MLflow's 8000 characters make create_run fail outright (a database error);
     # cut them with the same visible marker as params (the full value is in config/config.yaml).
-    scrubber = cfg.scrubber()
     tags, cut = truncate_values(scrubber.flat(tags), limit=MLFLOW_MAX_TAG_VALUE)
     if cut:
         logger.warning("tag values cut to MLflow's limit (full config in config/config.yaml): %s", ", ".join(cut))
@@ -178,7 +184,12 @@ def log_params(client: MlflowClient, run_id: str, groups: dict[str, dict[str, An
     for prefix, values in groups.items():
         # Scrubbed before flattening: a secret-named key hides its whole nested value.
         flat.update(flatten(scrubber.tree(values), prefix=prefix))
-    flat, cut = truncate_values(flat)
+    return log_flat_params(client, run_id, flat, scrubber)
+
+
+def log_flat_params(client: MlflowClient, run_id: str, flat: dict[str, str], scrubber: Scrubber) -> list[str]:
+    """Log ready-made ``key -> str`` params, scrubbed and cut to MLflow's limits; returns the keys cut."""
+    flat, cut = truncate_values(scrubber.flat(flat))
     params = [Param(k, v) for k, v in sorted(flat.items())]
     for i in range(0, len(params), MAX_BATCH):
         client.log_batch(run_id, params=params[i:i + MAX_BATCH])
@@ -192,6 +203,14 @@ def log_config_artifact(client: MlflowClient, run_id: str, cfg: TrainConfig) -> 
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg.scrubber().tree(cfg.to_dict()), sort_keys=False))
         client.log_artifact(run_id, str(path), "config")
+
+
+def log_text_file(client: MlflowClient, run_id: str, source: Path, artifact_dir: str, scrubber: Scrubber) -> None:
+    """Log a text file (a sweep file, say) under its own name, scrubbed of secrets."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(source).name
+        path.write_text(scrubber.text(Path(source).read_text()))
+        client.log_artifact(run_id, str(path), artifact_dir)
 
 
 def numeric_metrics(logs: dict[str, Any]) -> dict[str, float]:
