@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 from mltrainer import tracking
 from mltrainer.lease import LeaseKeeper
-from mltrainer.naming import checkpoint_store_path
+from mltrainer.limits import NameTooLongError
+from mltrainer.naming import DEFAULT_PATH_TEMPLATE, checkpoint_store_path
 from mltrainer.policy import CheckpointPolicy
 from mltrainer.uploader import CheckpointUploader, UploadJob
 
@@ -105,7 +106,14 @@ class StoreCheckpointsCallback(TrainerCallback):
         if not local.is_dir():
             logger.warning("no checkpoint folder at %s after a save; nothing to upload", local)
             return
-        store_path = checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch, metrics=metrics)
+        try:
+            store_path = checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch,
+                                               metrics=metrics)
+        except NameTooLongError as exc:
+            # A metric beyond what the config check assumed (a loss of 1e300 under {eval_loss:.4f}):
+            # the store could not read that name back, and a checkpoint is never dropped.
+            store_path = checkpoint_store_path(DEFAULT_PATH_TEMPLATE, step=step)
+            logger.warning("%s; this checkpoint is stored as %s instead", exc, store_path)
         # Metrics are sent in buffered batches: get those up to this step stored before the
         # checkpoint can become complete, or a crash could leave a resumable checkpoint whose
         # last steps are missing from the history for good (resume does not redo them).
