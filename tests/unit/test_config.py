@@ -78,7 +78,7 @@ def test_overrides(cfg_dir):
             "training.learning_rate=1e-4",
             "training.per_device_train_batch_size=8",
             "checkpoints.save_top_k=1",
-            "checkpoints.monitor=train_loss",
+            "checkpoints.monitor=loss",
             "registered_model.name=sst2-clf",
             "data.max_train_samples=100",
             "experiment.tags.owner=ana",
@@ -348,3 +348,33 @@ def test_names_too_long_or_empty_are_refused_at_load(cfg_dir, overrides, key, ne
 def test_run_name_at_the_limit_loads(cfg_dir):
     cfg = load_config(write(cfg_dir, BASE), ["experiment.run_name=" + "r" * 250])
     assert len(cfg.run_name()) == 250
+
+
+# -- metrics the checkpoint policy names must be ones the run logs at a save (monitor.py) ---------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "needle"),
+    [
+        (["checkpoints.monitor=eval_los", "training.eval_strategy=steps"], "checkpoints.monitor",
+         "'eval_los' is not a metric this trainer logs; did you mean eval_loss?"),
+        (["checkpoints.monitor=eval_accuracy", "training.eval_strategy=steps"], "checkpoints.monitor",
+         "is not a metric this trainer logs"),
+        (["checkpoints.monitor=train_loss"], "checkpoints.monitor", "logged only when training ends, after the last save"),
+        (["checkpoints.path_template={eval_f1}-{step}", "training.eval_strategy=steps"], "checkpoints.path_template",
+         "'eval_f1' is not a metric this trainer logs"),
+        (["checkpoints.path_template={eval_loss:.3f}-{step}"], "checkpoints.path_template",
+         "training.eval_strategy"),
+    ],
+)
+def test_policy_metrics_the_run_never_logs_are_refused(cfg_dir, overrides, key, needle):
+    err = error(cfg_dir, BASE, overrides)
+    assert err.key == key and needle in str(err), str(err)
+
+
+def test_policy_metrics_the_run_logs_load(cfg_dir):
+    cfg = load_config(write(cfg_dir, BASE), ["checkpoints.monitor=loss", "checkpoints.save_top_k=1"])
+    assert cfg.checkpoints.monitor == "loss"
+    cfg = load_config(write(cfg_dir, BASE), ["training.eval_strategy=steps", "checkpoints.monitor=eval_loss",
+                                             "checkpoints.path_template={eval_loss:.4f}-{step}"])
+    assert cfg.checkpoints.path_template == "{eval_loss:.4f}-{step}"

@@ -240,3 +240,16 @@ def test_state_from_dict_errors(d, fragment):
     with pytest.raises(ValueError) as exc:
         RetentionState.from_dict(d)
     assert fragment in str(exc.value)
+
+
+def test_should_upload_best_stores_the_final_save_when_nothing_is_stored():
+    # The monitored metric never appeared: the final save still goes up, so the run's trained
+    # state is not lost; while something is stored, or before the end, nothing changes.
+    p = policy(upload="best", monitor="eval_acc")
+    state = RetentionState()
+    assert state.should_upload(p, 4, False, {"loss": 0.3}) is False
+    assert state.should_upload(p, 8, True, {"loss": 0.2}) is True
+    state.record_stored(path(8), 8, {"loss": 0.2})
+    assert state.best(p) is None and state.latest() == path(8)
+    ranked = stored([0.5], monitor="eval_acc")
+    assert ranked.should_upload(p, 9, True, {"loss": 0.1}) is False

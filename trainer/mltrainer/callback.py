@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from mltrainer import tracking
 from mltrainer.lease import LeaseKeeper
 from mltrainer.limits import NameTooLongError
+from mltrainer.monitor import MonitorWatch
 from mltrainer.naming import DEFAULT_PATH_TEMPLATE, checkpoint_store_path
 from mltrainer.policy import CheckpointPolicy
 from mltrainer.uploader import CheckpointUploader, UploadJob
@@ -65,6 +66,9 @@ class StoreCheckpointsCallback(TrainerCallback):
         self._already_logged = already_logged or {}
         self._first_step_logged = False
         self.lease = lease
+        # A resumed run whose store already holds a checkpoint ranked by the monitor has seen it.
+        ranked = uploader is not None and uploader.retention.best(policy) is not None
+        self.monitor_watch = MonitorWatch(policy.monitor, seen=ranked)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Every rank sees the same state here, so under torchrun all of them stop together.
@@ -100,6 +104,7 @@ class StoreCheckpointsCallback(TrainerCallback):
         step = state.global_step
         metrics = self.metrics_at(step)
         is_final = state.max_steps > 0 and step >= state.max_steps
+        self.monitor_watch.at_save(step, metrics)
         if not self.uploader.retention.should_upload(self.policy, step, is_final, metrics):
             return
         local = Path(args.output_dir) / f"checkpoint-{step}"

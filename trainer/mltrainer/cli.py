@@ -17,6 +17,7 @@ EXIT_CONFIG = 2
 EXIT_TRACKING = 3
 EXIT_UPLOAD = 4
 EXIT_RESUME = 5
+EXIT_MONITOR = 7  # training finished, but checkpoints.monitor was never logged at a save: nothing was ranked
 
 
 def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
@@ -84,6 +85,9 @@ def _train(argv: list[str]) -> int:
         print(f"  Local dir:   {result.run_dir}")
         print(f"  Final model: {result.model_uri or 'not logged (log_final_model: false)'}")
         print(format_table(list_checkpoints(client, result.run_id)))
+    if result is not None and result.policy_problem:
+        print(f"checkpoint policy error: {result.policy_problem}", file=sys.stderr)
+        return EXIT_MONITOR
     return 0
 
 

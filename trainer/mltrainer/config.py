@@ -43,7 +43,8 @@ from .limits import (
     registered_model_name_problem,
 )
 from .lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS
-from .naming import render_run_name, sanitize_component
+from .monitor import metric_problem
+from .naming import render_run_name, sanitize_component, template_fields
 from .policy import CheckpointPolicy
 from .run_match import RunNamePattern
 from .redaction import Scrubber, secret_keys_in
@@ -551,22 +552,17 @@ def _tracking(data: Any) -> TrackingConfig:
                           lease_seconds=s.get_int("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS))
 
 
-def _check_eval_available(cfg: TrainConfig) -> None:
-    """A policy ranking by an eval metric needs eval data and an eval schedule, or it never sees it."""
+def _check_policy_metrics(cfg: TrainConfig) -> None:
+    """Metrics the policy ranks by or names checkpoints after must be ones the run logs at a save."""
     policy = cfg.checkpoints
-    if policy.monitor is None or not policy.monitor.startswith("eval"):
-        return
-    if not cfg.data.has_eval:
-        raise ConfigError(
-            "checkpoints.monitor",
-            f"{policy.monitor!r} needs evaluation data: set data.hub.split_eval or data.files.eval",
-        )
-    strategy = cfg.training.get("eval_strategy", "no")
-    if strategy in ("no", None, False):
-        raise ConfigError(
-            "checkpoints.monitor",
-            f"{policy.monitor!r} is only computed when training.eval_strategy is 'steps' or 'epoch'",
-        )
+    named = [("checkpoints.monitor", policy.monitor)] if policy.monitor is not None else []
+    named += [("checkpoints.path_template", f) for f in template_fields(policy.path_template)
+              if f not in ("step", "epoch")]
+    for key, metric in named:
+        problem = metric_problem(metric, has_eval_data=cfg.data.has_eval,
+                                 eval_strategy=cfg.training.get("eval_strategy", "no"))
+        if problem is not None:
+            raise ConfigError(key, problem)
 
 
 def _check_run_name(cfg: TrainConfig) -> None:
@@ -620,7 +616,7 @@ def build_config(data: Any, *, config_dir: Path | None = None) -> TrainConfig:
     )
     if cfg.registered_model is not None and not cfg.log_final_model:
         raise ConfigError("registered_model", "needs the final model: log_final_model must be true")
-    _check_eval_available(cfg)
+    _check_policy_metrics(cfg)
     _check_run_name(cfg)
     return cfg
 

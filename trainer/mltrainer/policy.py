@@ -45,7 +45,9 @@ class CheckpointPolicy:
           resumable checkpoint, at the cost of one upload per save. (Uploading only the final
           save would leave nothing to resume from after a crash.)
         * ``best`` - upload a save only if it enters the best ``save_top_k`` (default 1) by
-          ``monitor``; keeps only those. Nothing is uploaded for saves without the metric.
+          ``monitor``; keeps only those. Nothing is uploaded for saves without the metric,
+          except the final save when nothing at all is stored: a run whose metric never
+          appeared still ends with its trained state in the store.
 
     ``save_last_k``/``save_top_k`` (``every_save`` and ``every_n_steps``): keep the union of
     the K most recent and the K best. Both unset means keep everything. Whatever they say, the
@@ -263,7 +265,8 @@ class RetentionState:
         ``every_n_steps`` uploads steps divisible by N and always the final save. ``best``
         uploads only when the monitored metric is present and would place the checkpoint in
         the best ``keep_top_k`` of what is stored: strictly better than the current K-th, since
-        ties go to the earlier step (see module docstring).
+        ties go to the earlier step (see module docstring); and the final save when the store
+        holds nothing, so that a metric that never appeared does not leave the run empty-handed.
         """
         if policy.upload in ("every_save", "last"):
             return True
@@ -272,7 +275,7 @@ class RetentionState:
             return is_final or step % policy.every_n_steps == 0
         value = _rankable((metrics or {}).get(policy.monitor))  # upload == "best"
         if value is None:
-            return False
+            return is_final and not self.stored
         ranked = [c for c in self._ranked(policy) if c.step != step]
         k = policy.keep_top_k or 1
         if len(ranked) < k:

@@ -27,6 +27,7 @@ class TrainResult:
     train_loss: float | None
     model_uri: str | None
     metrics: dict[str, float]  # the last value of every metric the Trainer logged (eval_* included)
+    policy_problem: str | None = None  # checkpoints.monitor never appeared at a save (monitor.py)
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
@@ -192,7 +193,8 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                                                      cfg.registered_model)
             client.set_terminated(run_id, "FINISHED")
         return TrainResult(run_id, run_dir, trainer.state.global_step, train_loss, model_uri,
-                           final_metrics(trainer.state.log_history))
+                           final_metrics(trainer.state.log_history),
+                           callback.monitor_watch.problem(uploader.retention.latest()) if uploader else None)
     except BaseException as exc:
         if main and isinstance(exc, RunInUseError):
             raise  # the run is someone else's now: its status is theirs to set
