@@ -20,6 +20,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
+from mlstack import seaweed_security
 from mlstack import settings as s
 from mlstack.native.stack import SERVICES, Stack, StackError
 
@@ -261,7 +262,10 @@ def test_mlflow_key_is_scoped_to_the_stack_bucket(native_stack):
 def test_s3_store_is_not_capped_at_eight_volumes(native_stack):
     """SeaweedFS grows 7 volumes per bucket; its default cap of 8 left the stack full at ~7 GB."""
     master = native_stack.stack.state["s3_internal_ports"]["master"]
-    topology = requests.get(f"http://127.0.0.1:{master}/dir/status", timeout=10).json()["Topology"]
+    # The master answers only to the server's own client certificate (mlstack.seaweed_security).
+    tls = native_stack.stack.s3_security_dir
+    topology = requests.get(f"https://127.0.0.1:{master}/dir/status", timeout=10, verify=str(tls / seaweed_security.CA_CERT),
+                            cert=(str(tls / seaweed_security.CERT), str(tls / seaweed_security.KEY))).json()["Topology"]
     assert topology["Max"] > 8, topology["Max"]
     root = native_stack.s3_root()
     root.put_object(Bucket=native_stack.bucket, Key="capacity-test", Body=b"x")

@@ -52,6 +52,8 @@ class Stack:
         self.state_dir = self.state_dir.resolve()
         self.state_path = self.state_dir / "stack.json"
         self.logs = self.state_dir / "logs"
+        # SeaweedFS's security.toml and certificates, rewritten at each start (private, 0700).
+        self.s3_security_dir = self.state_dir / "s3-security"
         if self.state_path.exists():
             self.state = json.loads(self.state_path.read_text())
 
@@ -174,7 +176,7 @@ class Stack:
         log = self.logs / "s3.log"
         self._ensure_port_free(port, "the S3 port")
         handle = s3server.start(backend, self.state_dir / "s3", port, internal, env["S3_ROOT_USER"],
-                                env["S3_ROOT_PASSWORD"], log)
+                                env["S3_ROOT_PASSWORD"], log, security_dir=self.s3_security_dir)
         self._record("s3", handle)
 
         def answers() -> bool:
