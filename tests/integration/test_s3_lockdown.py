@@ -130,18 +130,6 @@ def compose_seaweedfs(work: Path) -> dict:
 IMAGE_WORKDIR = "/data"  # chrislusf/seaweedfs's WORKDIR, where weed runs unless compose says otherwise
 
 
-def test_compose_runs_seaweedfs_where_its_security_job_writes(tmp_path):
-    services = compose_seaweedfs(tmp_path)
-    s3, job = services["s3"], services["s3-security"]
-    assert job["entrypoint"][:3] == ["python", "-m", "mlstack.seaweed_security"]
-    # weed reads ./security.toml: it must run in the directory the job writes, on the same volume.
-    job_dir = job["entrypoint"][-1]
-    assert s3.get("working_dir") == job_dir
-    assert {v["source"] for v in s3["volumes"] if v["target"] == job_dir} == \
-        {v["source"] for v in job["volumes"] if v["target"] == job_dir} == {"s3-security"}
-    assert s3["depends_on"]["s3-security"]["condition"] == "service_completed_successfully"
-
-
 def start_as_compose(work: Path) -> tuple[dict, Handle, dict[str, int]]:
     services = compose_seaweedfs(work)
     s3, job = services["s3"], services["s3-security"]
@@ -291,3 +279,15 @@ def test_s3_api_serves_signed_requests_only(target):
     unsigned = requests.get(url, timeout=10)
     assert unsigned.status_code == 403 and MARKER not in unsigned.content
     assert target.s3.get_object(Bucket=target.bucket, Key=target.key)["Body"].read() == BODY
+
+
+def test_compose_runs_seaweedfs_where_its_security_job_writes(tmp_path):
+    services = compose_seaweedfs(tmp_path)
+    s3, job = services["s3"], services["s3-security"]
+    assert job["entrypoint"][:3] == ["python", "-m", "mlstack.seaweed_security"]
+    # weed reads ./security.toml: it must run in the directory the job writes, on the same volume.
+    job_dir = job["entrypoint"][-1]
+    assert s3.get("working_dir") == job_dir
+    assert {v["source"] for v in s3["volumes"] if v["target"] == job_dir} == \
+        {v["source"] for v in job["volumes"] if v["target"] == job_dir} == {"s3-security"}
+    assert s3["depends_on"]["s3-security"]["condition"] == "service_completed_successfully"
