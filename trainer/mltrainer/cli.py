@@ -17,6 +17,7 @@ EXIT_CONFIG = 2
 EXIT_TRACKING = 3
 EXIT_UPLOAD = 4
 EXIT_RESUME = 5
+EXIT_DAMAGED = 6  # checkpoints --verify: an object of a complete checkpoint is missing or has the wrong size
 EXIT_MONITOR = 7  # training finished, but checkpoints.monitor was never logged at a save: nothing was ranked
 
 
@@ -100,6 +101,9 @@ def describe_run_error(run_id: str, exc: Exception) -> str:
 def _checkpoints(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mltrainer checkpoints", description="List a run's stored checkpoints.")
     parser.add_argument("--run-id", required=True)
+    parser.add_argument("--verify", action="store_true",
+                        help="also check that every file of each complete checkpoint is in the store with the size "
+                             f"its manifest lists (by listing; contents are not read); exit {EXIT_DAMAGED} if not")
     args = parser.parse_args(argv)
 
     import mlflow
@@ -108,12 +112,15 @@ def _checkpoints(argv: list[str]) -> int:
     from mltrainer.store import format_table, list_checkpoints
 
     try:
-        rows = list_checkpoints(mlflow.tracking.MlflowClient(), args.run_id)
+        rows = list_checkpoints(mlflow.tracking.MlflowClient(), args.run_id, verify=args.verify)
     except MlflowException as exc:
         print(f"error: {describe_run_error(args.run_id, exc)}", file=sys.stderr)
         return EXIT_TRACKING
-    print(format_table(rows) if rows else f"run {args.run_id} has no stored checkpoints")
-    return 0
+    print(format_table(rows, verified=args.verify) if rows else f"run {args.run_id} has no stored checkpoints")
+    damaged = [c for c in rows if c.state == "damaged"]
+    for c in damaged:
+        print(f"damaged checkpoint {c.store_path}: {c.problem}", file=sys.stderr)
+    return EXIT_DAMAGED if damaged else 0
 
 
 def _sweep(argv: list[str]) -> int:
