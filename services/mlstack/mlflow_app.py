@@ -43,10 +43,15 @@ DOWNLOAD_ROUTE_SUFFIX = "/mlflow-artifacts/artifacts/{artifact_path:path}"
 def create_app():
     from mlflow.server.auth import create_app as create_auth_app
 
+    from mlstack.login_limiter import install_login_limiter
+    from mlstack.user_admin_guard import install_user_directory_guard
+
     install_streaming_upload()
     install_presigned_transfers(os.environ.get("S3_PUBLIC_ENDPOINT_URL", ""))
     install_light_run_lookup()
+    install_user_directory_guard()
     app = create_auth_app()
+    install_login_limiter(app)
     install_streaming_download(app)
     return app
 

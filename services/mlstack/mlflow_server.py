@@ -106,7 +106,7 @@ def write_auth_config(env: dict[str, str], runtime_dir: Path) -> Path:
     with os.fdopen(fd, "w") as fh:
         fh.write(
             "[mlflow]\n"
-            "default_permission = READ\n"
+            f"default_permission = {s.MLFLOW_DEFAULT_PERMISSION.get(env)}\n"
             f"database_uri = {s.backend_store_uri(env, s.MLFLOW_AUTH_DB.get(env))}\n"
             f"admin_username = {s.MLFLOW_ADMIN_USER.get(env)}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -156,6 +156,9 @@ def gunicorn_command(env: dict[str, str], runtime_dir: Path) -> list[str]:
         "--worker-class", "uvicorn.workers.UvicornWorker",
         "--workers", s.MLFLOW_WORKERS.get(env),
         "--bind", f"{s.MLFLOW_HOST.get(env)}:{s.MLFLOW_PORT.get(env)}",
+        # gunicorn believes X-Forwarded-For from 127.0.0.1 by default: any local process could
+        # then pick the address the login limiter counts (mlstack.login_limiter). Only named proxies.
+        "--forwarded-allow-ips", s.MLFLOW_TRUSTED_PROXIES.get(env),
         # Large artifact uploads stream through the workers; don't kill a busy one mid-transfer.
         "--timeout", "600",
         "--graceful-timeout", "30",

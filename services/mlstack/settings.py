@@ -21,6 +21,7 @@ class Var:
     help: str
     default: str | None = None
     secret: bool = False
+    choices: tuple[str, ...] = ()  # when set, the only values accepted
 
     def get(self, env: dict[str, str] | None = None) -> str:
         source = os.environ if env is None else env
@@ -29,6 +30,8 @@ class Var:
             if self.default is None:
                 raise SettingsError(f"environment variable {self.name} is not set ({self.help})")
             return self.default
+        if self.choices and value not in self.choices:
+            raise SettingsError(f"environment variable {self.name}={value!r} is not one of {', '.join(self.choices)}")
         return value
 
     def get_int(self, env: dict[str, str] | None = None) -> int:
@@ -82,6 +85,22 @@ MLFLOW_ADMIN_PASSWORD = Var("MLFLOW_ADMIN_PASSWORD", "password of the MLflow adm
 MLFLOW_FLASK_SERVER_SECRET_KEY = Var(
     "MLFLOW_FLASK_SERVER_SECRET_KEY", "secret signing MLflow's CSRF tokens (same for every worker)", secret=True
 )
+# What every account may do with experiments and models it was not given a permission on. READ:
+# a teammate sees everyone's runs but edits and deletes only in experiments they created (MLflow
+# gives the creator MANAGE) or were granted EDIT/MANAGE on. EDIT would let anyone log into anyone's
+# runs; MANAGE, delete them; NO_PERMISSIONS hides each person's work from the others.
+MLFLOW_DEFAULT_PERMISSION = Var(
+    "MLFLOW_DEFAULT_PERMISSION",
+    "permission every user has on what they were not granted anything on",
+    "READ",
+    choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"),
+)
+MLFLOW_TRUSTED_PROXIES = Var(
+    "MLFLOW_TRUSTED_PROXIES",
+    "addresses of reverse proxies whose X-Forwarded-For the server believes (comma-separated); "
+    "empty: none, so no client can claim another address to the login limiter",
+    "",
+)
 MLFLOW_TRAINER_USER = Var("MLFLOW_TRAINER_USER", "non-admin account trainers log with", "trainer")
 MLFLOW_TRAINER_PASSWORD = Var("MLFLOW_TRAINER_PASSWORD", "password of the trainer account", secret=True)
 MLFLOW_PUBLIC_URL = Var(
@@ -117,6 +136,7 @@ SERVICE_VARS: dict[str, tuple[Var, ...]] = {
         S3_ENDPOINT_URL, S3_PUBLIC_ENDPOINT_URL, S3_BUCKET, S3_CREDENTIALS_FILE,
         MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_ALLOWED_HOSTS, MLFLOW_CORS_ALLOWED_ORIGINS,
         MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY,
+        MLFLOW_DEFAULT_PERMISSION, MLFLOW_TRUSTED_PROXIES,
     ),
     "storage-init": (S3_BACKEND, S3_ENDPOINT_URL, S3_BUCKET, S3_ROOT_USER, S3_ROOT_PASSWORD, S3_CREDENTIALS_FILE),
     "users-init": (
