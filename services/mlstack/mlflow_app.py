@@ -44,6 +44,7 @@ def create_app():
     from mlflow.server.auth import create_app as create_auth_app
 
     from mlstack.login_limiter import install_login_limiter
+    from mlstack.request_limits import limit_requests
     from mlstack.user_admin_guard import install_user_directory_guard
 
     install_streaming_upload()
@@ -53,6 +54,7 @@ def create_app():
     app = create_auth_app()
     install_login_limiter(app)
     install_streaming_download(app)
+    limit_requests(app)  # last added runs first: sizes and paths are checked before anything else
     return app
 
 
