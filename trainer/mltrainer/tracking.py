@@ -51,6 +51,9 @@ def check_server(client: MlflowClient) -> None:
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         raise TrackingError(f"MLFLOW_TRACKING_URI must be the stack's http(s) URI, got {uri!r}")
+    # Say where the run goes and as whom: the environment decides both, and it may not be the
+    # stack the user has in mind.
+    logger.info("tracking server %s, user %s", uri, os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none set)")
     # Fail fast: with MLflow's default retries (7, exponential backoff) a server that is down takes
     # over 4 minutes to be reported. Values the user set explicitly still win.
     added = {k: v for k, v in _PREFLIGHT_HTTP.items() if k not in os.environ}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mlstack import settings as s
 from mlstack.native.stack import Stack, StackError
 
 
@@ -50,14 +53,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(i["running"] for i in status.values()) else 3
 
 
+def client_exports(env: dict[str, str], keep: dict[str, str] | None = None) -> list[str]:
+    """``export`` lines pointing a client at this stack as the trainer account.
+
+    With ``keep`` (the caller's environment), a variable set there is left out: what the user
+    exported wins, so `make train` neither swaps a teammate's server for this one nor "fixes" a
+    wrong password with the trainer's.
+    """
+    values = {
+        "MLFLOW_TRACKING_URI": env["MLFLOW_PUBLIC_URL"],
+        "MLFLOW_TRACKING_USERNAME": env["MLFLOW_TRAINER_USER"],
+        "MLFLOW_TRACKING_PASSWORD": env["MLFLOW_TRAINER_PASSWORD"],
+    }
+    return [f"export {name}={shlex.quote(value)}" for name, value in values.items()
+            if keep is None or not keep.get(name)]
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """Print the client variables for a trainer, for `eval $(mlstack env)` and the Makefile."""
-    stack = _stack(args)
-    env = stack.environment()
-    print(f"export MLFLOW_TRACKING_URI={env['MLFLOW_PUBLIC_URL']}")
-    print(f"export MLFLOW_TRACKING_USERNAME={env['MLFLOW_TRAINER_USER']}")
-    print(f"export MLFLOW_TRACKING_PASSWORD={env['MLFLOW_TRAINER_PASSWORD']}")
+    env = _stack(args).environment()
+    for line in client_exports(env, dict(os.environ) if args.keep_set else None):
+        print(line)
     return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """A person's account on the running native stack, through the users-init entrypoint compose runs too."""
+    stack = _stack(args)
+    if not stack.status()["mlflow"]["running"]:
+        raise StackError(f"the MLflow server of {stack.state_dir} is not running: start it with `make stack`")
+    env = stack.environment()
+    cmd = stack.command("users-init") + ["--add", args.name]
+    cmd += ["--reset-password"] if args.reset_password else []
+    cmd += ["--password-stdin"] if args.password_stdin else []
+    # Not through the job log: the password is printed once, to the terminal, and kept nowhere.
+    return subprocess.run(cmd, env=s.service_environment("users-init", env, env)).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         ("env", cmd_env, "print MLFLOW_TRACKING_* exports for the trainer account"),
     ]:
         sub.add_parser(name, help=help_text).set_defaults(func=func)
+    sub.choices["env"].add_argument("--keep-set", action="store_true",
+                                    help="leave out the variables already set in this environment")
+    user = sub.add_parser("user", help="create a person's MLflow account (admin credentials; prints the password once)")
+    user.add_argument("name", help="the username")
+    user.add_argument("--reset-password", action="store_true", help="give an existing account a new password")
+    user.add_argument("--password-stdin", action="store_true", help="read the password from stdin, don't generate one")
+    user.set_defaults(func=cmd_user)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
