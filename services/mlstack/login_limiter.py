@@ -196,19 +196,32 @@ UNAUTHENTICATED_TEXT = (
 )
 
 
-def basic_credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-    """(username, password) of a Basic ``Authorization`` header, as MLflow's auth decodes it."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, encoded = value.decode("latin1").partition(" ")
-            if scheme.lower() != "basic":
-                return None
-            try:
-                username, _, password = base64.b64decode(encoded.strip()).decode("ascii").partition(":")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                return None
-            return username, password
-    return None
+GATEWAY_AUTH_HEADER = b"x-mlflow-authorization"  # MLflow's credentials header on /gateway/ routes
+
+
+def basic_credentials(headers: list[tuple[bytes, bytes]], path: str = "") -> tuple[str, str] | None:
+    """(username, password) from the header MLflow's auth reads, decoded as leniently as it is.
+
+    Whatever either of MLflow's two parsers would check (FastAPI's, ASCII; Werkzeug's, UTF-8)
+    must be counted here, or it would be a way around the limits.
+    """
+    found = dict((name.lower(), value) for name, value in headers if name.lower() in (b"authorization", GATEWAY_AUTH_HEADER))
+    value = (found.get(GATEWAY_AUTH_HEADER) if path.startswith("/gateway/") else None) or found.get(b"authorization")
+    if not value:
+        return None
+    scheme, _, encoded = value.decode("latin1").strip().partition(" ")
+    if scheme.strip().lower() != "basic":
+        return None
+    try:
+        raw = base64.b64decode(encoded.strip(" \t"))
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin1")  # no parser of MLflow's checks it; counted all the same
+    username, _, password = text.partition(":")
+    return username, password
 
 
 class LoginLimitMiddleware:
@@ -222,7 +235,7 @@ class LoginLimitMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or self.is_unprotected(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        credentials = basic_credentials(scope.get("headers", []))
+        credentials = basic_credentials(scope.get("headers", []), scope.get("path", ""))
         if credentials is None:
             return await self.app(scope, receive, send)
         address = (scope.get("client") or ("unknown", 0))[0]

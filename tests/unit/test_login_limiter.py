@@ -128,11 +128,16 @@ def test_memory_stays_bounded_under_address_spraying():
     assert len(lim._buckets) <= LIMITS.max_tracked
 
 
-def test_basic_credentials_decoding():
-    def header(raw: bytes) -> list[tuple[bytes, bytes]]:
-        return [(b"authorization", b"Basic " + base64.b64encode(raw))]
+def test_basic_credentials_are_read_as_mlflow_reads_them():
+    def header(raw: bytes, name: bytes = b"authorization", scheme: bytes = b"Basic ") -> tuple[bytes, bytes]:
+        return name, scheme + base64.b64encode(raw)
 
-    assert basic_credentials(header(b"alice:pa:ss")) == ("alice", "pa:ss")
+    assert basic_credentials([header(b"alice:pa:ss")]) == ("alice", "pa:ss")
+    assert basic_credentials([header(b"alice:pw", scheme=b"basic  ")]) == ("alice", "pw")
+    assert basic_credentials([header("zoé:pässwörd".encode())]) == ("zoé", "pässwörd")  # Werkzeug: UTF-8
     assert basic_credentials([(b"authorization", b"Bearer abc")]) is None
-    assert basic_credentials(header(b"\xff\xfe:x")) is None  # MLflow refuses non-ASCII the same way
     assert basic_credentials([]) is None
+    # On /gateway/ routes MLflow takes its own header first: so must the limiter.
+    both = [header(b"alice:a"), header(b"mallory:guess", name=b"X-MLflow-Authorization")]
+    assert basic_credentials(both, "/gateway/mlflow/v1/chat/completions") == ("mallory", "guess")
+    assert basic_credentials(both, "/api/2.0/mlflow/experiments/search") == ("alice", "a")
