@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from trainer_support import wait_until_resumable
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
@@ -21,6 +22,8 @@ BASE_ARGS = [
     "--set", "log_final_model=false",
     "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
     "--set", "training.logging_steps=2", "--set", "checkpoints.save_last_k=3",
+    # A killed trainer's run is resumable once its lease runs out (mltrainer/lease.py): keep it short.
+    "--set", "tracking.lease_seconds=6",
 ]
 
 
@@ -100,6 +103,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def crash(client: MlflowClient, run_id: str) -> None:
+    """As if the run's trainer died after its last checkpoint: a FINISHED run is never resumed."""
+    client.set_terminated(run_id, "FAILED")
+
+
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, baseline, tmp_path):
     env = native_stack.client_env()
     client = client_for(native_stack)
@@ -116,6 +124,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, ba
     assert first.returncode == -signal.SIGKILL
     stored_before = manifests_in_bucket(native_stack, prefix)
     assert max(stored_before) < STEPS
+    wait_until_resumable(client, run_id, timeout=60)  # a killed trainer holds its run until then
 
     # A fresh machine: empty output directory, nothing but the config and the run id.
     done = run_cli([*BASE_ARGS, "--set", f"output_root={tmp_path / 'machine-b'}", "--set",
@@ -164,6 +173,7 @@ def test_kill_during_upload_leaves_incomplete_checkpoint_that_resume_skips(nativ
         if first.poll() is None:
             kill_tree(first)
     assert 8 not in manifests_in_bucket(native_stack, prefix)
+    wait_until_resumable(client, run_id, timeout=60)  # a killed trainer holds its run until then
 
     done = run_cli([*BASE_ARGS, "--set", f"output_root={tmp_path / 'machine-b'}", "--set",
                     "experiment.name=resume-upload", "--resume", run_id, "--set", "training.max_steps=12"], env)
@@ -208,6 +218,7 @@ def test_resume_from_specific_step_and_latest(native_stack, finished_run, tmp_pa
     common = ["--set", "training.max_steps=12", "--set", "experiment.name=resume-choices",
               "--set", "checkpoints.save_last_k=null", "--set", "checkpoints.save_top_k=null",
               "--set", "checkpoints.monitor=null"]
+    crash(client, finished_run)
     done = run_cli([*BASE_ARGS, *common, "--set", f"output_root={tmp_path / 'a'}", "--resume", finished_run,
                     "--resume-checkpoint", "4"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -215,6 +226,7 @@ def test_resume_from_specific_step_and_latest(native_stack, finished_run, tmp_pa
     assert (tmp_path / "a").glob("*/checkpoint-4")
     assert [s for s, _ in history(client, finished_run, "loss")] == list(range(2, 13, 2))
 
+    crash(client, finished_run)  # its newest checkpoint is at max_steps: it finishes without training
     done = run_cli([*BASE_ARGS, *common, "--set", f"output_root={tmp_path / 'b'}", "--resume", "latest"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"({finished_run})" in done.stdout
@@ -226,6 +238,7 @@ def test_corrupt_checkpoint_is_never_used(native_stack, finished_run, tmp_path):
     client = client_for(native_stack)
     prefix = checkpoint_prefix(native_stack, client, finished_run)
     newest = _corrupt_newest(native_stack, client, finished_run)
+    crash(client, finished_run)
     next_older = max(manifests_in_bucket(native_stack, prefix) - {newest})
     done = run_cli([*BASE_ARGS, "--set", "training.max_steps=12", "--set", "experiment.name=resume-choices",
                     "--set", "checkpoints.save_last_k=null", "--set", "checkpoints.save_top_k=null",
@@ -271,6 +284,7 @@ def test_failed_resume_says_why_and_changes_nothing(native_stack, finished_run, 
                         "--set", "experiment.name=resume-empty"], env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         (run,) = runs_of(client, "resume-empty")
+        crash(client, run.info.run_id)
         args = ["--set", f"output_root={tmp_path}", "--set", "experiment.name=resume-empty",
                 "--set", "checkpoints.monitor=null", "--set", "checkpoints.save_top_k=null",
                 "--resume", run.info.run_id]

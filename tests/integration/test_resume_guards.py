@@ -153,7 +153,8 @@ def test_latest_matches_the_run_name_exactly(native_stack, tmp_path):
     with trainer_client(native_stack) as client:
         crash(client, run.run_id)
         exp_id = client.get_experiment_by_name(experiment).experiment_id
-        tags = {tracking.TAG_MODEL: "configs/models/tiny-bert", tracking.TAG_TASK: "sequence-classification"}
+        logged = client.get_run(run.run_id).data.tags
+        tags = {key: logged[key] for key in (tracking.TAG_MODEL, tracking.TAG_TASK)}  # resumable as far as tags go
         # Newer runs whose names match 'a_b%c' as a LIKE pattern, crashed too (RUNNING, no lease).
         decoys = [client.create_run(exp_id, run_name=decoy, tags=tags).info.run_id
                   for decoy in ("aXbc", "a_bYYYc", "a-b%c")]
