@@ -19,7 +19,7 @@ COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
+.PHONY: help venv up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Do
 	$(COMPOSE) up -d --build --wait postgres s3 mlflow
 	$(COMPOSE) run --rm users-init
 	@source $(ENV_FILE); echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
+
+trainer-image: ## Build the trainer image (docker compose run trainer ...) with the commit it is built from
+	$(COMPOSE) --profile trainer build trainer
 
 down: ## Stop the compose stack (volumes are kept)
 	$(COMPOSE) down
