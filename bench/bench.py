@@ -375,7 +375,8 @@ def case_resume(b: Bench) -> dict:
         # Each repetition resumes a crashed run: a FINISHED one is not resumed, and the resumer
         # stopped at its first step still holds its lease (it is measured, not waited for).
         client.set_terminated(run_id, "FAILED")
-        client.delete_tag(run_id, LEASE_TAG)
+        if LEASE_TAG in client.get_run(run_id).data.tags:  # the run's first trainer took none
+            client.delete_tag(run_id, LEASE_TAG)
         resume.append(time_to_first_step(b, [*argv, "--resume", run_id]))
         fresh.append(time_to_first_step(b, argv))
         if prefix:

@@ -96,7 +96,8 @@ def test_live_run_is_refused_naming_its_holder_and_resumes_once_its_trainer_is_d
         assert client.get_run(run_id).info.status == "FINISHED"
         steps = [s for s, _ in metric_steps(client, run_id, "loss")]
         assert len(steps) == len(set(steps)), "a metric step was logged twice"
-        assert max(steps) == last + 5
+        # The killed trainer may have logged steps past its last stored checkpoint; those stay.
+        assert last + 5 in steps and max(steps) >= last + 5
 
 
 def test_two_resumers_of_one_crashed_run_only_one_trains(native_stack, tmp_path):
