@@ -21,6 +21,25 @@ EXIT_DAMAGED = 6  # checkpoints --verify: an object of a complete checkpoint is 
 EXIT_MONITOR = 7  # training finished, but checkpoints.monitor was never logged at a save: nothing was ranked
 
 
+NO_TRACKING_SERVER = (
+    "no tracking server: set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD) to the "
+    "stack's; for the native stack: eval \"$(.venv/bin/mlstack env)\""
+)
+
+
+def _require_tracking_server() -> None:
+    """Every subcommand talks to the team's server; without one, say so and write nothing.
+
+    Left unset, MLflow falls back to a SQLite file (or ./mlruns) in the working directory: a
+    run "not found" there, and a stray mlflow.db left behind.
+    """
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if not is_tracking_uri_set():
+        print(f"tracking error: {NO_TRACKING_SERVER}", file=sys.stderr)
+        raise SystemExit(EXIT_TRACKING)
+
+
 def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
     """Run ``action``; our error types become one line on stderr and an exit code, not a traceback."""
     from mlflow.exceptions import MlflowException
@@ -63,6 +82,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--resume-checkpoint", metavar="STEP|STORE_PATH",
                         help="with --resume: continue from this stored checkpoint instead of the newest")
     args = parser.parse_args(argv)
+    _require_tracking_server()
     if args.resume_checkpoint and not args.resume:
         parser.error("--resume-checkpoint needs --resume RUN_ID|latest")
 
@@ -105,6 +125,7 @@ def _checkpoints(argv: list[str]) -> int:
                         help="also check that every file of each complete checkpoint is in the store with the size "
                              f"its manifest lists (by listing; contents are not read); exit {EXIT_DAMAGED} if not")
     args = parser.parse_args(argv)
+    _require_tracking_server()
 
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -136,6 +157,7 @@ def _sweep(argv: list[str]) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="optuna: discard the stored study of this sweep and start a new parent run")
     args = parser.parse_args(argv)
+    _require_tracking_server()
     if args.max_trials is not None and args.max_trials < 0:
         parser.error("--max-trials must be >= 0")
 
@@ -176,6 +198,7 @@ def _cv(argv: list[str]) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
     args = parser.parse_args(argv)
+    _require_tracking_server()
 
     from mltrainer.cv import load_cv, run_cv
 
@@ -206,6 +229,7 @@ def _best(argv: list[str]) -> int:
     parser.add_argument("--register", metavar="MODEL_NAME", help="register the best run's model under this name")
     parser.add_argument("--alias", default="champion", help="alias for the registered version (default champion)")
     args = parser.parse_args(argv)
+    _require_tracking_server()
     if args.top < 1:
         parser.error("--top must be >= 1")
     import re
