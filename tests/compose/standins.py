@@ -111,6 +111,7 @@ def _base(engine: Engine) -> None:
             raise EngineError("mmdebstrap is needed to build the stand-in images: apt-get install mmdebstrap")
         log("building a Debian bookworm root filesystem with mmdebstrap (once; cached in "
             f"{CACHE})")
+        CACHE.mkdir(parents=True, exist_ok=True)
         partial = rootfs.with_name("bookworm-rootfs.partial.tar")  # mmdebstrap picks its format by suffix
         proc = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", f"--include={ROOTFS_PACKAGES}",
                                "bookworm", str(partial), *DEBIAN_SOURCES], capture_output=True, text=True)

@@ -284,6 +284,12 @@ def test_trainer_container_trains_on_cpu(stack, as_teammate):
     assert any(m.model_id for m in as_teammate.search_logged_models(experiment_ids=[run.info.experiment_id])
                if m.source_run_id == run_id), "the final model is logged"
     STATE["trainer_run"] = run_id
+    # Resumed in a second container, a FINISHED run says so and changes nothing.
+    again = _trainer(stack, "--resume", run_id)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "already finished" in again.stdout + again.stderr
+    assert as_teammate.get_run(run_id).data.tags == run.data.tags
+    assert [r.step for r in _stored(as_teammate, run_id) if r.state == "complete"] == steps
 
 
 def test_trainer_resumes_a_killed_run_in_a_second_container(stack, as_teammate):
@@ -350,6 +356,8 @@ def test_figures_and_disk_use(stack):
     mlflow = stack.service_container("mlflow")
     stats = stack.engine.cli("stats", "--no-stream", "--format", "{{.MemUsage}}", mlflow["Id"], check=False)
     FIGURES["services container idle memory"] = stats.stdout.strip() or stats.stderr.strip()[-200:]
+    user = stack.engine.cli("image", "inspect", "--format", "{{.Config.User}}", f"mlstack-trainer:{stack.tag}")
+    assert user.stdout.strip() == "trainer", "the trainer image runs as a non-root user"
     for image in (f"mlstack-services:{stack.tag}", f"mlstack-trainer:{stack.tag}"):
         size = stack.engine.cli("image", "inspect", "--format", "{{.Size}}", image, check=False).stdout.strip()
         FIGURES[f"image {image.split(':')[0]} size, MB"] = round(int(size) / 1e6) if size.isdigit() else size
