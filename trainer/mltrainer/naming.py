@@ -26,7 +26,6 @@ _NON_IDENTIFIER = re.compile(r"\W")
 # Dummy values used to render templates at config time, before real metrics exist. The epoch
 # is fractional because the HF Trainer reports ``state.epoch`` as a float (1.5 mid-epoch), so a
 # spec such as ``{epoch:02d}`` is caught here instead of failing at the first mid-epoch save.
-_DUMMY_STEP = 1
 _DUMMY_EPOCH = 1.5
 _DUMMY_METRIC = 0.1234
 # Steps rendered to check that a template really tells checkpoints apart.

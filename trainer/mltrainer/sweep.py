@@ -43,7 +43,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -448,7 +448,6 @@ class SweepOutcome:
     records: list[TrialRecord]
     complete: bool  # all requested trials have run
     best: TrialRecord | None
-    ran_now: int
 
 
 def create_parent(client, loaded: LoadedSweep, experiment_id: str) -> str:
@@ -674,7 +673,7 @@ def run_optuna(loaded: LoadedSweep, client, *, max_trials: int | None, fresh: bo
     best = summarize(client, spec, parent_run_id, records, complete=complete, importances=importances,
                      importance_method=method)
     finish_parent(client, parent_run_id, complete, best is not None)
-    return SweepOutcome(parent_run_id, records, complete, best, to_run)
+    return SweepOutcome(parent_run_id, records, complete, best)
 
 
 def optuna_importances(study, records: Sequence[TrialRecord]) -> tuple[dict[str, float], str]:
@@ -821,7 +820,7 @@ def run_ray(loaded: LoadedSweep, client, *, max_trials: int | None) -> SweepOutc
     best = summarize(client, spec, parent_run_id, records, complete=True, importances=importances,
                      importance_method="|correlation|")
     finish_parent(client, parent_run_id, True, best is not None)
-    return SweepOutcome(parent_run_id, records, True, best, n)
+    return SweepOutcome(parent_run_id, records, True, best)
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,9 +860,3 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def spec_as_dict(spec: SweepSpec) -> dict[str, Any]:
-    out = asdict(spec)
-    out["space"] = {k: p.describe() for k, p in spec.space.items()}
-    return out

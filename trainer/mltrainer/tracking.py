@@ -7,7 +7,6 @@ and tags go through the same scrubber (mltrainer.redaction).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -286,7 +285,3 @@ def _model_requirements() -> dict[str, str]:
 
     return {"mlflow": mlflow.__version__, "transformers": transformers.__version__,
             "torch": torch.__version__.split("+")[0]}
-
-
-def environment_summary() -> str:
-    return json.dumps({"host": platform.node(), "pid": os.getpid(), **library_versions()})

@@ -24,7 +24,6 @@ class TrainResult:
     run_id: str
     run_dir: Path
     global_step: int
-    train_loss: float | None
     model_uri: str | None
     metrics: dict[str, float]  # the last value of every metric the Trainer logged (eval_* included)
     policy_problem: str | None = None  # checkpoints.monitor never appeared at a save (monitor.py)
@@ -170,13 +169,11 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
             processing_class=prepared.tokenizer, callbacks=[callback],
         )
         try:
-            output = trainer.train(resume_from_checkpoint=resume_dir)
-            train_loss = output.training_loss
+            trainer.train(resume_from_checkpoint=resume_dir)
         except ReachedMaxSteps as reached:
             # The run crashed after its last step was stored (during the final upload or model
             # logging): finish what is missing, without training.
             logger.info("%s: nothing left to train; finishing run %s", reached, run_id)
-            train_loss = None
             if uploader is not None:
                 uploader.close(progress=False)
         model_uri = None
@@ -192,7 +189,7 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                 model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
                                                      cfg.registered_model)
             client.set_terminated(run_id, "FINISHED")
-        return TrainResult(run_id, run_dir, trainer.state.global_step, train_loss, model_uri,
+        return TrainResult(run_id, run_dir, trainer.state.global_step, model_uri,
                            final_metrics(trainer.state.log_history),
                            callback.monitor_watch.problem(uploader.retention.latest()) if uploader else None)
     except BaseException as exc:

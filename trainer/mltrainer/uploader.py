@@ -185,13 +185,6 @@ class CheckpointUploader:
             self._reported = len(self._failures)
         raise UploadError(failures)
 
-    def raise_errors(self) -> None:
-        with self._lock:
-            new = self._failures[self._reported:]
-            self._reported = len(self._failures)
-        if new:
-            raise UploadError(new)
-
     def close(self, progress: bool = True) -> None:
         """Drain the queue (with a progress bar), stop the worker, raise every failure."""
         started = time.perf_counter()
