@@ -10,18 +10,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
 from mlstack import settings as s
 from mlstack.native import postgres, s3server
-from mlstack.native.processes import Handle, port_open, spawn, stop_tree, tail, wait_until
+from mlstack.native.ports import PUBLIC_PORTS, busy_public_ports, reassign_busy_internal
+from mlstack.native.processes import Handle, spawn, stop_tree, tail, wait_until
 
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop runs in reverse
+# SIGINT is PostgreSQL's "fast" shutdown: no waiting for idle clients.
+STOP_SIGNALS = {"postgres": signal.SIGINT, "s3": signal.SIGTERM, "mlflow": signal.SIGTERM}
 PLACEHOLDER = "change-me"
 
 
@@ -86,16 +92,15 @@ class Stack:
         def pick(var: s.Var, native_default: str) -> str:
             return chosen.get(var.name) or native_default
 
-        # Native ports have their own names: .env's DB_PORT/MLFLOW_PORT describe the compose network.
-        def port(key: str, default: int) -> int:
-            raw = os.environ.get(f"STACK_{key.upper()}_PORT") or ports.get(key) or default
+        # Native ports have their own names (mlstack.native.ports): .env's DB_PORT/MLFLOW_PORT
+        # describe the compose network.
+        for p in PUBLIC_PORTS:
+            raw = os.environ.get(p.variable) or ports.get(p.key) or p.default
             try:
-                return int(raw)
+                ports[p.key] = int(raw)
             except ValueError:
-                raise StackError(f"STACK_{key.upper()}_PORT={raw!r} is not a port number") from None
-
-        db_port, s3_port, mlflow_port = port("db", 15432), port("s3", 18333), port("mlflow", 5000)
-        ports.update(db=db_port, s3=s3_port, mlflow=mlflow_port)
+                raise StackError(f"{p.variable}={raw!r} is not a port number") from None
+        db_port, s3_port, mlflow_port = ports["db"], ports["s3"], ports["mlflow"]
         public = f"http://127.0.0.1:{mlflow_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
         env.update(chosen)
@@ -138,15 +143,37 @@ class Stack:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def up(self) -> dict[str, str]:
+        """Start what is not running. Every port is checked first; if a start fails anyway,
+        what this call started is stopped again, so a failed ``up`` leaves things as they were."""
         env = self.environment()
+        already = {service for service in SERVICES if self._running(service)}
+        self._check_ports(env, starting=set(SERVICES) - already)
         self._save()
         ports = self.state["ports"]
-        self._start_postgres(env, ports["db"])
-        self._start_s3(env, ports["s3"])
-        self._run_job("storage-init", env)
-        self._start_mlflow(env, ports["mlflow"])
-        self._run_job("users-init", env)
+        try:
+            self._start_postgres(env, ports["db"])
+            self._start_s3(env, ports["s3"])
+            self._run_job("storage-init", env)
+            self._start_mlflow(env, ports["mlflow"])
+            self._run_job("users-init", env)
+        except BaseException:
+            self.down(only=set(SERVICES) - already)
+            raise
         return env
+
+    def _check_ports(self, env: dict[str, str], starting: set[str]) -> None:
+        ports = self.state["ports"]
+        problems = busy_public_ports(ports, starting)
+        if problems:
+            raise StackError("cannot start: " + "; ".join(problems) if len(problems) == 1
+                             else "cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+        if "s3" in starting:
+            backend = env["S3_BACKEND"]
+            internal = self.state.get("s3_internal_ports")
+            if not internal or self.state.get("s3_backend") != backend:
+                internal = s3server.choose_ports(backend)
+                self.state.update(s3_internal_ports=internal, s3_backend=backend)
+            reassign_busy_internal(internal, ports)
 
     def _running(self, service: str) -> bool:
         handle = self.handle(service)
@@ -159,7 +186,6 @@ class Stack:
         if not postgres.initialised(data_dir):
             postgres.initdb(data_dir, env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
         log = self.logs / "postgres.log"
-        self._ensure_port_free(port, "DB_PORT")
         handle = postgres.start(data_dir, port, log)
         self._record("postgres", handle)
         wait_until(lambda: postgres.ready(port), what="PostgreSQL", timeout=60, handle=handle, log_path=log)
@@ -169,12 +195,8 @@ class Stack:
         if self._running("s3"):
             return
         backend = env["S3_BACKEND"]
-        internal = self.state.get("s3_internal_ports")
-        if not internal or self.state.get("s3_backend") != backend:
-            internal = s3server.choose_ports(backend)
-            self.state.update(s3_internal_ports=internal, s3_backend=backend)
+        internal = self.state["s3_internal_ports"]  # chosen and checked by _check_ports
         log = self.logs / "s3.log"
-        self._ensure_port_free(port, "the S3 port")
         handle = s3server.start(backend, self.state_dir / "s3", port, internal, env["S3_ROOT_USER"],
                                 env["S3_ROOT_PASSWORD"], log, security_dir=self.s3_security_dir)
         self._record("s3", handle)
@@ -191,7 +213,6 @@ class Stack:
         if self._running("mlflow"):
             return
         log = self.logs / "mlflow.log"
-        self._ensure_port_free(port, "MLFLOW_PORT")
         handle = spawn(self.command("mlflow"), env=s.service_environment("mlflow", env, env), log_path=log)
         self._record("mlflow", handle)
 
@@ -215,18 +236,23 @@ class Stack:
         if result.returncode != 0:
             raise StackError(f"{name} failed (exit {result.returncode}); see {log}:\n{tail(log)}")
 
-    def _ensure_port_free(self, port: int, what: str) -> None:
-        if port_open(port):
-            raise StackError(f"port {port} ({what}) is already in use by another process; choose another")
-
-    def down(self) -> list[str]:
+    def down(self, only: set[str] | None = None,
+             progress: Callable[[str, float | None], None] | None = None) -> list[str]:
+        """Stop the services (``only`` these, when given), last started first. ``progress`` hears
+        ``(service, None)`` as each stop begins and ``(service, seconds)`` when it is done."""
         stopped = []
         for service in reversed(SERVICES):
+            if only is not None and service not in only:
+                continue
             handle = self.handle(service)
             if handle is not None and handle.alive():
-                # SIGINT is PostgreSQL's "fast" shutdown: no waiting for idle clients.
-                stop_tree(handle, first_signal=2 if service == "postgres" else 15)
+                if progress:
+                    progress(service, None)
+                began = time.monotonic()
+                stop_tree(handle, first_signal=STOP_SIGNALS[service])
                 stopped.append(service)
+                if progress:
+                    progress(service, time.monotonic() - began)
             self._record(service, None)
         return stopped
 
