@@ -4,7 +4,8 @@ import logging
 from types import SimpleNamespace
 
 from mltrainer.callback import StoreCheckpointsCallback
-from mltrainer.policy import CheckpointPolicy, RetentionState
+from mltrainer.config import checkpoint_policy
+from mltrainer.policy import RetentionState
 
 
 class RecordingUploader:
@@ -27,7 +28,7 @@ def save_at(tmp_path, template, metrics):
     (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"weights")
     uploader = RecordingUploader()
     callback = StoreCheckpointsCallback(client=NoClient(), run_id="r", uploader=uploader, is_main=True,
-                                        policy=CheckpointPolicy.from_dict({"path_template": template}),
+                                        policy=checkpoint_policy({"path_template": template}),
                                         snapshot_root=tmp_path / ".snapshots")
     state = SimpleNamespace(global_step=4, max_steps=8, epoch=0.5)
     args = SimpleNamespace(output_dir=str(tmp_path))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from mltrainer.config import checkpoint_policy
 from mltrainer.errors import ConfigError
 from mltrainer.policy import CheckpointPolicy, RetentionState
 
@@ -19,14 +20,14 @@ def stored(losses, *, start=1, monitor="eval_loss"):
 
 
 def policy(**kw):
-    return CheckpointPolicy.from_dict(kw)
+    return checkpoint_policy(kw)
 
 
-# -- CheckpointPolicy.from_dict ----------------------------------------------------------------
+# -- config.checkpoint_policy: the checkpoints section ----------------------------------------------------------------
 
 
 def test_defaults_keep_everything():
-    p = CheckpointPolicy.from_dict(None)
+    p = checkpoint_policy(None)
     assert p == CheckpointPolicy()
     assert p.upload == "every_save" and p.path_template == "step-{step:08d}" and p.mode == "min"
     assert p.keeps_everything
@@ -37,8 +38,8 @@ def test_defaults_keep_everything():
     [
         ({"save_top_k_": 1}, "checkpoints.save_top_k_", "unknown key; did you mean save_top_k?"),
         ({"upload": "sometimes"}, "checkpoints.upload", "must be one of every_save, every_n_steps, last, best"),
-        ({"upload": 3}, "checkpoints.upload", "expected a string, got int 3"),
-        ({"mode": "maximum"}, "checkpoints.mode", "must be 'min' or 'max'"),
+        ({"upload": 3}, "checkpoints.upload", "expected a non-empty string, got int 3"),
+        ({"mode": "maximum"}, "checkpoints.mode", "must be one of min, max, got 'maximum'; did you mean max?"),
         ({"save_top_k": 2}, "checkpoints.save_top_k", "needs checkpoints.monitor"),
         ({"upload": "best"}, "checkpoints.upload", "needs checkpoints.monitor"),
         ({"every_n_steps": 10}, "checkpoints.every_n_steps", "only applies when upload is every_n_steps"),
@@ -46,36 +47,50 @@ def test_defaults_keep_everything():
         (
             {"upload": "every_n_steps", "every_n_steps": 0},
             "checkpoints.every_n_steps",
-            "must be a positive integer, got 0",
+            "must be >= 1, got 0",
         ),
-        ({"save_last_k": -1}, "checkpoints.save_last_k", "must be a positive integer, got -1"),
+        ({"save_last_k": -1}, "checkpoints.save_last_k", "must be >= 1, got -1 (leave it unset to keep every checkpoint)"),
         ({"save_last_k": 0}, "checkpoints.save_last_k", "leave it unset to keep every checkpoint"),
-        ({"save_last_k": True}, "checkpoints.save_last_k", "expected a positive integer, got bool True"),
-        ({"save_last_k": 2.0}, "checkpoints.save_last_k", "expected a positive integer, got float 2.0"),
-        ({"monitor": ""}, "checkpoints.monitor", "expected a metric name"),
+        ({"save_last_k": True}, "checkpoints.save_last_k", "expected an integer, got bool True"),
+        ({"save_last_k": 2.0}, "checkpoints.save_last_k", "expected an integer, got float 2.0"),
+        ({"monitor": ""}, "checkpoints.monitor", "expected a non-empty string, got str ''"),
         ({"upload": "last", "save_last_k": 3}, "checkpoints.save_last_k", "does not apply when upload is 'last'"),
         ({"upload": "best", "monitor": "eval_loss", "save_last_k": 3}, "checkpoints.save_last_k", "upload is 'best'"),
         ({"path_template": "{epoch}"}, "checkpoints.path_template", "must contain {step}"),
     ],
 )
-def test_from_dict_errors_name_the_key(d, key, fragment):
+def test_checkpoints_errors_name_the_key(d, key, fragment):
     with pytest.raises(ConfigError) as exc:
-        CheckpointPolicy.from_dict(d)
+        checkpoint_policy(d)
     assert exc.value.key == key
     assert fragment in str(exc.value)
     assert str(exc.value).startswith(f"{key}: ")
 
 
-def test_from_dict_rejects_non_mapping_and_uses_prefix():
+def test_checkpoints_rejects_non_mapping_and_uses_its_key():
     with pytest.raises(ConfigError, match="^checkpoints: expected a mapping"):
-        CheckpointPolicy.from_dict(["x"])
+        checkpoint_policy(["x"])
     with pytest.raises(ConfigError) as exc:
-        CheckpointPolicy.from_dict({"mode": "x"}, key_prefix="a.b")
+        checkpoint_policy({"mode": "x"}, key="a.b")
     assert exc.value.key == "a.b.mode"
 
 
+def test_checkpoints_section_reports_faults_like_every_other_section(tmp_path):
+    """One validation style: the same fault reads the same in checkpoints as in upload or data."""
+    from mltrainer.config import build_config
+
+    base = {"experiment": {"name": "e"}, "model": {"name_or_path": "org/m", "task": "causal-lm"},
+            "data": {"hub": {"name": "d"}}}
+    messages = []
+    for section, key in (("checkpoints", "save_last_k"), ("upload", "queue_size"), ("data", "max_length")):
+        with pytest.raises(ConfigError) as exc:
+            build_config({**base, section: {**base.get(section, {}), key: "two"}})
+        messages.append(str(exc.value).split(": ", 1)[1])
+    assert messages == ["expected an integer, got str 'two'"] * 3
+
+
 def test_null_means_default():
-    assert CheckpointPolicy.from_dict({"mode": None, "upload": None, "save_top_k": None}) == CheckpointPolicy()
+    assert checkpoint_policy({"mode": None, "upload": None, "save_top_k": None}) == CheckpointPolicy()
 
 
 def test_effective_k():

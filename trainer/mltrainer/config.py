@@ -44,8 +44,8 @@ from .limits import (
 )
 from .lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS
 from .monitor import metric_problem
-from .naming import render_run_name, sanitize_component, template_fields
-from .policy import CheckpointPolicy
+from .naming import render_run_name, sanitize_component, template_fields, validate_template
+from .policy import MODES, UPLOAD_MODES, CheckpointPolicy
 from .run_match import RunNamePattern
 from .redaction import Scrubber, secret_keys_in
 
@@ -119,6 +119,9 @@ def parse_yaml(text: str, *, source: str = "<string>") -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Config dataclasses
+#
+# Each field's default here is the only default for its config key: the section parsers below
+# and the runtime modules (uploader.py) read it from the class, e.g. ``UploadConfig.queue_size``.
 
 
 @dataclass(frozen=True)
@@ -321,14 +324,15 @@ class _Section:
             )
         return value
 
-    def get_int(self, name: str, default: Any = _REQUIRED, *, minimum: int | None = None) -> Any:
+    def get_int(self, name: str, default: Any = _REQUIRED, *, minimum: int | None = None, below_minimum: str = "") -> Any:
+        """``below_minimum``: what to tell a user whose value is too small, e.g. the value that means "off"."""
         value = self._get(name, default)
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.key_of(name), f"expected an integer, got {type_name(value)} {value!r}")
         if minimum is not None and value < minimum:
-            raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}")
+            raise ConfigError(self.key_of(name), f"must be >= {minimum}, got {value}{below_minimum}")
         return value
 
     def get_float(self, name: str, default: Any = _REQUIRED, *, minimum: float | None = None) -> Any:
@@ -408,7 +412,7 @@ def training_argument_fields() -> frozenset[str]:
 
 def _experiment(data: Any) -> ExperimentConfig:
     s = _Section(data, "experiment", ["name", "run_name", "tags"])
-    run_name = s.get_str("run_name", DEFAULT_RUN_NAME)
+    run_name = s.get_str("run_name", ExperimentConfig.run_name)
     try:
         render_run_name(run_name, **{f: "x" for f in RUN_NAME_FIELDS})
     except ValueError as exc:
@@ -443,7 +447,7 @@ def _model(data: Any, config_dir: Path | None) -> ModelConfig:
         task=task,
         num_labels=num_labels,
         tokenizer=None if tokenizer is None else _model_location(tokenizer, s.key_of("tokenizer"), config_dir),
-        from_config=s.get_bool("from_config", False),
+        from_config=s.get_bool("from_config", ModelConfig.from_config),
         config_overrides=overrides,
     )
 
@@ -462,7 +466,7 @@ def _data(data: Any, config_dir: Path | None) -> DataConfig:
         hub = HubDataConfig(
             name=h.get_str("name"),
             config=h.get_str("config", None),
-            split_train=h.get_str("split_train", "train"),
+            split_train=h.get_str("split_train", HubDataConfig.split_train),
             split_eval=h.get_str("split_eval", None),
         )
     else:
@@ -480,9 +484,9 @@ def _data(data: Any, config_dir: Path | None) -> DataConfig:
     return DataConfig(
         hub=hub,
         files=files,
-        text_column=s.get_str("text_column", "text"),
-        label_column=s.get_str("label_column", "label"),
-        max_length=s.get_int("max_length", 128, minimum=1),
+        text_column=s.get_str("text_column", DataConfig.text_column),
+        label_column=s.get_str("label_column", DataConfig.label_column),
+        max_length=s.get_int("max_length", DataConfig.max_length, minimum=1),
         max_train_samples=s.get_int("max_train_samples", None, minimum=1),
         max_eval_samples=s.get_int("max_eval_samples", None, minimum=1),
     )
@@ -517,10 +521,10 @@ def _training(data: Any) -> dict[str, Any]:
 def _upload(data: Any) -> UploadConfig:
     s = _Section(data, "upload", ["queue_size", "max_retries", "backoff_seconds", "background_parts"])
     return UploadConfig(
-        queue_size=s.get_int("queue_size", 2, minimum=1),
-        max_retries=s.get_int("max_retries", 5, minimum=0),
-        backoff_seconds=s.get_float("backoff_seconds", 1.0, minimum=0.0),
-        background_parts=s.get_int("background_parts", 1, minimum=1),
+        queue_size=s.get_int("queue_size", UploadConfig.queue_size, minimum=1),
+        max_retries=s.get_int("max_retries", UploadConfig.max_retries, minimum=0),
+        backoff_seconds=s.get_float("backoff_seconds", UploadConfig.backoff_seconds, minimum=0.0),
+        background_parts=s.get_int("background_parts", UploadConfig.background_parts, minimum=1),
     )
 
 
@@ -528,7 +532,7 @@ def _registered_model(data: Any) -> RegisteredModelConfig | None:
     if data is None:
         return None
     s = _Section(data, "registered_model", ["name", "alias"])
-    alias = s.get_str("alias", "champion")
+    alias = s.get_str("alias", RegisteredModelConfig.alias)
     if not _MLFLOW_ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
         raise ConfigError(
             s.key_of("alias"),
@@ -548,8 +552,55 @@ def _tracking(data: Any) -> TrackingConfig:
             s.key_of("uri"),
             "must not contain a password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment",
         )
-    return TrackingConfig(uri=uri, metrics_flush_seconds=s.get_int("metrics_flush_seconds", 2, minimum=0),
-                          lease_seconds=s.get_int("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS))
+    return TrackingConfig(
+        uri=uri,
+        metrics_flush_seconds=s.get_int("metrics_flush_seconds", TrackingConfig.metrics_flush_seconds, minimum=0),
+        lease_seconds=s.get_int("lease_seconds", TrackingConfig.lease_seconds, minimum=MIN_LEASE_SECONDS),
+    )
+
+
+def checkpoint_policy(data: Any, key: str = "checkpoints") -> CheckpointPolicy:
+    """The ``checkpoints`` section (at ``key``) as a validated :class:`CheckpointPolicy`.
+
+    Bad combinations are refused here, at load time, rather than discovered after hours of
+    training; null means the default, so ``--set checkpoints.mode=null`` resets a key.
+    """
+    s = _Section(data, key, [f.name for f in dataclasses.fields(CheckpointPolicy)])
+    # 0 would read as "keep none", which is never meant: unset is how to keep them all
+    keep_all_hint = " (leave it unset to keep every checkpoint)"
+    upload = s.get_str("upload", CheckpointPolicy.upload, choices=UPLOAD_MODES)
+    every_n_steps = s.get_int("every_n_steps", None, minimum=1)
+    save_last_k = s.get_int("save_last_k", None, minimum=1, below_minimum=keep_all_hint)
+    save_top_k = s.get_int("save_top_k", None, minimum=1, below_minimum=keep_all_hint)
+    monitor = s.get_str("monitor", None)
+    mode = s.get_str("mode", CheckpointPolicy.mode, choices=MODES)
+    path_template = s.get_str("path_template", CheckpointPolicy.path_template)
+
+    if upload == "every_n_steps" and every_n_steps is None:
+        raise ConfigError(s.key_of("every_n_steps"), "is required when upload is every_n_steps")
+    if upload != "every_n_steps" and every_n_steps is not None:
+        raise ConfigError(s.key_of("every_n_steps"), f"only applies when upload is every_n_steps (upload is {upload!r})")
+    if save_top_k is not None and monitor is None:
+        raise ConfigError(s.key_of("save_top_k"),
+                          f"needs {s.key_of('monitor')}: the metric that ranks checkpoints, e.g. eval_loss")
+    if upload == "best" and monitor is None:
+        raise ConfigError(s.key_of("upload"), f"'best' needs {s.key_of('monitor')}: the metric that ranks checkpoints")
+    if upload == "last":
+        for name, value in (("save_last_k", save_last_k), ("save_top_k", save_top_k)):
+            if value is not None:
+                raise ConfigError(s.key_of(name),
+                                  "does not apply when upload is 'last' (which keeps only the newest checkpoint); "
+                                  "use upload: every_save with save_last_k/save_top_k instead")
+    if upload == "best" and save_last_k is not None:
+        raise ConfigError(s.key_of("save_last_k"),
+                          "does not apply when upload is 'best' (only checkpoints entering the top save_top_k are "
+                          "uploaded); use upload: every_save to also keep recent ones")
+    try:
+        validate_template(path_template)
+    except ValueError as exc:
+        raise ConfigError(s.key_of("path_template"), str(exc)) from None
+    return CheckpointPolicy(upload=upload, every_n_steps=every_n_steps, save_last_k=save_last_k,
+                            save_top_k=save_top_k, monitor=monitor, mode=mode, path_template=path_template)
 
 
 def _check_policy_metrics(cfg: TrainConfig) -> None:
@@ -607,12 +658,12 @@ def build_config(data: Any, *, config_dir: Path | None = None) -> TrainConfig:
         model=_model(s.raw("model"), config_dir),
         data=_data(s.raw("data"), config_dir),
         training=_training(s.raw("training")),
-        checkpoints=CheckpointPolicy.from_dict(s.raw("checkpoints"), key_prefix="checkpoints"),
+        checkpoints=checkpoint_policy(s.raw("checkpoints")),
         upload=_upload(s.raw("upload")),
-        output_root=s.get_str("output_root", "outputs"),
+        output_root=s.get_str("output_root", TrainConfig.output_root),
         registered_model=_registered_model(s.raw("registered_model")),
         tracking=_tracking(s.raw("tracking")),
-        log_final_model=s.get_bool("log_final_model", True),
+        log_final_model=s.get_bool("log_final_model", TrainConfig.log_final_model),
     )
     if cfg.registered_model is not None and not cfg.log_final_model:
         raise ConfigError("registered_model", "needs the final model: log_final_model must be true")

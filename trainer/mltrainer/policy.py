@@ -3,7 +3,8 @@
 The vocabulary is Lightning ``ModelCheckpoint``'s, which users already know: ``save_top_k``
 with ``monitor``/``mode`` keeps the best K, ``save_last_k`` keeps the most recent K, and
 ``path_template`` names checkpoints like ``filename`` does. Bad combinations are refused when
-the config is loaded, not discovered after hours of training.
+the config is loaded (``config.checkpoint_policy``, with every other section), not discovered
+after hours of training.
 
 ``RetentionState`` is the policy's memory: what is in the store right now. It is pure data
 (JSON round-trip via ``to_dict``/``from_dict``) so it can be saved with each checkpoint and
@@ -25,8 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ConfigError, unknown_key_error
-from .naming import DEFAULT_PATH_TEMPLATE, validate_template
+from .naming import DEFAULT_PATH_TEMPLATE
 
 UPLOAD_MODES = ("every_save", "every_n_steps", "last", "best")
 MODES = ("min", "max")
@@ -62,81 +62,6 @@ class CheckpointPolicy:
     mode: str = "min"
     path_template: str = DEFAULT_PATH_TEMPLATE
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, *, key_prefix: str = "checkpoints") -> CheckpointPolicy:
-        """Build a validated policy from a config mapping; ``None`` gives the defaults.
-
-        Raises:
-            ConfigError: for an unknown key, a wrong type or a bad combination, naming the
-                key as ``f"{key_prefix}.{name}"``.
-        """
-
-        def key(name: str) -> str:
-            return f"{key_prefix}.{name}" if key_prefix else name
-
-        if d is None:
-            d = {}
-        if not isinstance(d, Mapping):
-            raise ConfigError(key_prefix or None, f"expected a mapping, got {type(d).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        for name in d:
-            if name not in allowed:
-                raise unknown_key_error(key(str(name)), allowed)
-
-        # null means "the default", so an override like checkpoints.mode=null resets a key
-        values = {**{f.name: f.default for f in fields(cls)}, **{k: v for k, v in d.items() if v is not None}}
-        for name in ("upload", "mode", "path_template"):
-            if not isinstance(values[name], str):
-                raise ConfigError(key(name), f"expected a string, got {_describe(values[name])}")
-        if values["monitor"] is not None and (not isinstance(values["monitor"], str) or not values["monitor"]):
-            raise ConfigError(
-                key("monitor"), f"expected a metric name such as eval_loss, got {_describe(values['monitor'])}"
-            )
-        for name in ("every_n_steps", "save_last_k", "save_top_k"):
-            value = values[name]
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(key(name), f"expected a positive integer, got {_describe(value)}")
-            if value <= 0:
-                hint = " (leave it unset to keep every checkpoint)" if name != "every_n_steps" else ""
-                raise ConfigError(key(name), f"must be a positive integer, got {value}{hint}")
-
-        upload, mode, monitor = values["upload"], values["mode"], values["monitor"]
-        if upload not in UPLOAD_MODES:
-            raise ConfigError(key("upload"), f"must be one of {', '.join(UPLOAD_MODES)}, got {upload!r}")
-        if mode not in MODES:
-            raise ConfigError(key("mode"), f"must be 'min' or 'max', got {mode!r}")
-        if upload == "every_n_steps" and values["every_n_steps"] is None:
-            raise ConfigError(key("every_n_steps"), "is required when upload is every_n_steps")
-        if upload != "every_n_steps" and values["every_n_steps"] is not None:
-            raise ConfigError(key("every_n_steps"), f"only applies when upload is every_n_steps (upload is {upload!r})")
-        if values["save_top_k"] is not None and monitor is None:
-            raise ConfigError(
-                key("save_top_k"), f"needs {key('monitor')}: the metric that ranks checkpoints, e.g. eval_loss"
-            )
-        if upload == "best" and monitor is None:
-            raise ConfigError(key("upload"), f"'best' needs {key('monitor')}: the metric that ranks checkpoints")
-        if upload == "last":
-            for name in ("save_last_k", "save_top_k"):
-                if values[name] is not None:
-                    raise ConfigError(
-                        key(name),
-                        "does not apply when upload is 'last' (which keeps only the newest checkpoint); "
-                        "use upload: every_save with save_last_k/save_top_k instead",
-                    )
-        if upload == "best" and values["save_last_k"] is not None:
-            raise ConfigError(
-                key("save_last_k"),
-                "does not apply when upload is 'best' (only checkpoints entering the top save_top_k are uploaded); "
-                "use upload: every_save to also keep recent ones",
-            )
-        try:
-            validate_template(values["path_template"])
-        except ValueError as exc:
-            raise ConfigError(key("path_template"), str(exc)) from None
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -155,10 +80,6 @@ class CheckpointPolicy:
     @property
     def keeps_everything(self) -> bool:
         return self.keep_last_k is None and self.keep_top_k is None
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
 
 
 def _rankable(value: Any) -> float | None:
@@ -271,7 +192,7 @@ class RetentionState:
         if policy.upload in ("every_save", "last"):
             return True
         if policy.upload == "every_n_steps":
-            assert policy.every_n_steps is not None  # guaranteed by from_dict
+            assert policy.every_n_steps is not None  # guaranteed by config.checkpoint_policy
             return is_final or step % policy.every_n_steps == 0
         value = _rankable((metrics or {}).get(policy.monitor))  # upload == "best"
         if value is None:
