@@ -18,7 +18,7 @@ from mltrainer.policy import CheckpointPolicy
 from mltrainer.transfer import InFlightLimit
 from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
 
-KEEP_ALL = CheckpointPolicy.from_dict({})
+KEEP_ALL = CheckpointPolicy()
 
 
 class FakeStore:
