@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from mltrainer.config import UploadConfig
 from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
 from mltrainer.policy import CheckpointPolicy, RetentionState
 from mltrainer.transfer import InFlightLimit
@@ -101,13 +102,14 @@ class CheckpointUploader:
         policy: CheckpointPolicy,
         *,
         retention: RetentionState | None = None,
-        queue_size: int = 2,
-        max_retries: int = 5,
-        backoff_seconds: float = 1.0,
+        # defaults: the config schema's (one place for each), for callers without a config
+        queue_size: int = UploadConfig.queue_size,
+        max_retries: int = UploadConfig.max_retries,
+        backoff_seconds: float = UploadConfig.backoff_seconds,
         on_stored: Callable[[Manifest, RetentionState], None] | None = None,
         concurrency: int = 4,
         part_limit: InFlightLimit | None = None,
-        background_parts: int = 1,
+        background_parts: int = UploadConfig.background_parts,
     ):
         self.store = store
         self.policy = policy
