@@ -378,3 +378,28 @@ def test_policy_metrics_the_run_logs_load(cfg_dir):
     cfg = load_config(write(cfg_dir, BASE), ["training.eval_strategy=steps", "checkpoints.monitor=eval_loss",
                                              "checkpoints.path_template={eval_loss:.4f}-{step}"])
     assert cfg.checkpoints.path_template == "{eval_loss:.4f}-{step}"
+
+
+# -- a run that would train nothing is refused at load (transformers runs one step for max_steps 0) ---
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "needle"),
+    [
+        ("training.max_steps=0", "training.max_steps", "must be a positive number of steps, or -1"),
+        ("training.max_steps=-5", "training.max_steps", "got -5"),
+        ("training.max_steps=ten", "training.max_steps", "got 'ten'"),
+        ("training.num_train_epochs=0", "training.num_train_epochs", "must be a number above 0"),
+    ],
+)
+def test_training_length_of_nothing_is_refused(cfg_dir, override, key, needle):
+    err = error(cfg_dir, BASE, [override])
+    assert err.key == key and key in str(err) and needle in str(err), str(err)
+
+
+def test_training_length_that_trains_loads(cfg_dir):
+    assert load_config(write(cfg_dir, BASE), ["training.max_steps=1"]).training["max_steps"] == 1
+    # -1 (transformers' "unset") with epochs, and a step budget that makes epochs irrelevant.
+    assert load_config(write(cfg_dir, BASE), ["training.max_steps=-1"]).training["max_steps"] == -1
+    cfg = load_config(write(cfg_dir, BASE), ["training.num_train_epochs=0", "training.max_steps=4"])
+    assert cfg.training["max_steps"] == 4

@@ -515,7 +515,27 @@ def _training(data: Any) -> dict[str, Any]:
             raise ConfigError(key, OWNED_TRAINING_KEYS[name])
         if name not in known:
             raise ConfigError(key, f"unknown TrainingArguments field{did_you_mean(str(name), known)}")
+    _check_training_length(data)
     return dict(data)
+
+
+def _check_training_length(data: Mapping) -> None:
+    """A run that would train nothing is refused before it is created.
+
+    transformers reads any negative ``max_steps`` as "use num_train_epochs" (its default is -1),
+    but 0 as a step budget, and then still runs one step; ``num_train_epochs: 0`` gives a
+    budget of 0 steps the same way. Only -1 stands for "unset", as in TrainingArguments' docs.
+    """
+    from transformers import TrainingArguments  # its defaults, not copies of them
+
+    max_steps = data.get("max_steps", TrainingArguments.max_steps)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
+        raise ConfigError("training.max_steps", f"must be a positive number of steps, or -1 (the default) to "
+                                                f"train for training.num_train_epochs; got {max_steps!r}")
+    epochs = data.get("num_train_epochs", TrainingArguments.num_train_epochs)
+    if max_steps == -1 and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0):
+        raise ConfigError("training.num_train_epochs",
+                          f"must be a number above 0 (or set training.max_steps); got {epochs!r}")
 
 
 def _upload(data: Any) -> UploadConfig:
