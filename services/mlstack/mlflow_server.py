@@ -166,7 +166,7 @@ def gunicorn_command(env: dict[str, str], runtime_dir: Path) -> list[str]:
         # gunicorn's control socket defaults to ~/.gunicorn/, which the image's user cannot write
         # and which two servers of one user on a host would share: keep it in the private runtime dir.
         "--control-socket", str(runtime_dir / "gunicorn.ctl"),
-        # MLflow's auth app with streaming artifact transfers (see mlstack.mlflow_app).
+        # MLflow's auth app with streaming artifact transfers (see mlstack.mlflow_app and mlstack.patches).
         "mlstack.mlflow_app:create_app()",
     ]
 

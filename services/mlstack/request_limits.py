@@ -71,7 +71,7 @@ DEFAULT_BODY_BOUND = 2 * (mlflow_limits.MAX_DATASET_PROFILE_SIZE + mlflow_limits
                           + mlflow_limits.MAX_DATASET_SOURCE_SIZE) + ENVELOPE
 
 _API_ROUTE = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/(?P<route>.+?)/?$")
-# Uploads stream through to S3 (mlflow_app's streaming upload): never buffered, never bounded.
+# Uploads stream through to S3 (mlstack.patches.streaming_upload): never buffered, never bounded.
 _ARTIFACT_UPLOAD = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/")
 
 

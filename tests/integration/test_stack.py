@@ -384,7 +384,7 @@ def test_status_cli_prints_tracking_uri(native_stack, tmp_path):
 
 
 def test_run_writes_need_permission_on_the_runs_experiment(native_stack):
-    """The auth check looks a run's experiment up with a narrow query (mlstack.mlflow_app); it must
+    """The auth check looks a run's experiment up with a narrow query (mlstack.patches.light_run_lookup); it must
     still deny what MLflow denies and allow what it allows."""
     admin, trainer = native_stack.admin_auth, native_stack.trainer_auth
     resp = requests.post(api(native_stack, "experiments/create"), json={"name": f"owned-{uuid.uuid4().hex[:8]}"},

@@ -1,4 +1,4 @@
-"""How the MLflow server hands out presigned S3 URLs (mlstack.mlflow_app), checked in-process:
+"""How the MLflow server hands out presigned S3 URLs (mlstack.patches.presigned_transfers), checked in-process:
 presigning is local to boto3, so no S3 server is needed to see which host a URL names."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from mlflow.exceptions import _UnsupportedMultipartUploadException
 from mlflow.server import handlers
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
 
-from mlstack.mlflow_app import install_presigned_transfers
+from mlstack.patches.presigned_transfers import install_presigned_transfers
 
 
 @pytest.fixture
