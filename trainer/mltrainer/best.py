@@ -17,15 +17,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mltrainer.errors import EXIT_CONFIG, EXIT_TRACKING, MltrainerError
+
 logger = logging.getLogger(__name__)
 
 
-class SelectionError(Exception):
-    """Bad user input (unknown experiment, invalid filter, nothing matching): exit code 2."""
+class SelectionError(MltrainerError):
+    """Bad user input (unknown experiment, invalid filter, nothing matching)."""
+
+    exit_code = EXIT_CONFIG
+    label = "error"
 
 
-class RegistryError(Exception):
-    """The tracking server refused or failed an operation: exit code 3."""
+class RegistryError(MltrainerError):
+    """The tracking server refused or failed an operation."""
+
+    exit_code = EXIT_TRACKING
+    label = "tracking error"
 
 
 @dataclass
@@ -72,7 +80,7 @@ def rank_runs(client, experiment: str, metric: str, mode: str, filter_string: st
 
 def _is_bad_request(exc) -> bool:
     code = getattr(exc, "error_code", "")
-    return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST") or "Invalid" in str(exc) or "invalid" in str(exc)
+    return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
 
 
 def _first_line(exc) -> str:

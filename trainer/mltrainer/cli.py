@@ -1,8 +1,9 @@
-"""``mltrainer``: fine-tune from a YAML config, tracked by the stack; list a run's checkpoints.
+"""``mltrainer``: fine-tune from a YAML config, tracked by the stack; and its subcommands.
 
     mltrainer --config configs/x.yaml [--set training.learning_rate=3e-5 ...]
     mltrainer --config configs/x.yaml --resume RUN_ID|latest [--resume-checkpoint STEP|STORE_PATH]
     mltrainer checkpoints --run-id RUN_ID
+    mltrainer sweep|cv|best ...   (SUBCOMMAND_SUMMARIES; ``mltrainer --help`` lists them)
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
-EXIT_CONFIG = 2
-EXIT_TRACKING = 3
-EXIT_UPLOAD = 4
-EXIT_RESUME = 5
-EXIT_DAMAGED = 6  # checkpoints --verify: an object of a complete checkpoint is missing or has the wrong size
-EXIT_MONITOR = 7  # training finished, but checkpoints.monitor was never logged at a save: nothing was ranked
+from mltrainer.errors import EXIT_DAMAGED, EXIT_MONITOR, EXIT_OK, EXIT_TRACKING, MltrainerError
 
 
 NO_TRACKING_SERVER = (
@@ -41,39 +37,50 @@ def _require_tracking_server() -> None:
 
 
 def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
-    """Run ``action``; our error types become one line on stderr and an exit code, not a traceback."""
+    """Run ``action``; our error types become one line and their exit code, not a traceback.
+
+    Only :class:`MltrainerError` (each carries its code and label) and the server's own refusals
+    are caught: anything else is a bug and keeps its traceback (errors.py says why).
+    """
     from mlflow.exceptions import MlflowException
 
     from mltrainer import server_errors
-    from mltrainer.lease import RunInUseError
-    from mltrainer.resume import ResumeError, RunAlreadyFinished
-    from mltrainer.tracking import TrackingError
-    from mltrainer.uploader import UploadError
 
     try:
         return action(), None
-    except RunAlreadyFinished as exc:  # nothing to do is not a failure: a restart loop ends here
-        print(exc)
-        return None, 0
-    except ValueError as exc:  # ConfigError included; also bad TrainingArguments values, columns, labels
-        print(f"config error: {exc}", file=sys.stderr)
-        return None, EXIT_CONFIG
-    except TrackingError as exc:
-        print(f"tracking error: {exc}", file=sys.stderr)
-        return None, EXIT_TRACKING
-    except (ResumeError, RunInUseError) as exc:
-        print(f"resume error: {exc}", file=sys.stderr)
-        return None, EXIT_RESUME
-    except UploadError as exc:
-        print(f"upload error: {exc}", file=sys.stderr)
-        return None, EXIT_UPLOAD
+    except MltrainerError as exc:
+        if exc.exit_code == EXIT_OK:  # an outcome, not a failure (a finished run to resume)
+            print(exc)
+        else:
+            print(f"{exc.label}: {exc}", file=sys.stderr)
+        return None, exc.exit_code
     except MlflowException as exc:  # the server refused a request; its message may hold SQL text
         print(f"tracking error: {server_errors.describe(exc)}", file=sys.stderr)
         return None, EXIT_TRACKING
 
 
+# The subcommands, for dispatch and for ``mltrainer --help``: name -> one line on what it does.
+SUBCOMMAND_SUMMARIES = {
+    "checkpoints": "list a run's stored checkpoints (--verify: check every object behind them)",
+    "sweep": "hyperparameter sweep (Optuna or Ray Tune): one parent run, one nested run per trial",
+    "cv": "k-fold cross-validation: one parent run, one nested run per fold, mean and std per metric",
+    "best": "rank an experiment's runs by a metric; optionally register the best",
+}
+
+
+def _subcommands_epilog() -> str:
+    width = max(map(len, SUBCOMMAND_SUMMARIES))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMAND_SUMMARIES.items()]
+    return "\n".join(["subcommands (mltrainer SUBCOMMAND --help for its options):", *lines])
+
+
 def _train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mltrainer", description="Fine-tune a transformers model, tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="mltrainer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] --config CONFIG [--set KEY=VALUE] [--resume RUN_ID|latest] [--resume-checkpoint ...]\n"
+              f"       %(prog)s {{{','.join(SUBCOMMAND_SUMMARIES)}}} ...",
+        description="Fine-tune a transformers model, tracked in MLflow (the default command).",
+        epilog=_subcommands_epilog())
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. training.learning_rate=3e-5 (repeatable)")
@@ -240,11 +247,12 @@ def _best(argv: list[str]) -> int:
 
     import mlflow
 
-    from mltrainer.best import RegistryError, SelectionError, format_table, rank_runs, register_best
-    from mltrainer.tracking import TrackingError, check_server
+    from mltrainer.best import SelectionError, format_table, rank_runs, register_best
+    from mltrainer.tracking import check_server
 
     client = mlflow.tracking.MlflowClient()
-    try:
+
+    def rank_and_register() -> None:
         check_server(client)
         ranked = rank_runs(client, args.experiment, args.metric, args.mode, args.filter, args.top,
                            args.all_statuses)
@@ -257,13 +265,9 @@ def _best(argv: list[str]) -> int:
         if args.register:
             version, uri = register_best(client, best, args.register, args.alias)
             print(f"Registered {uri} as {args.register} version {version} (@{args.alias})")
-    except SelectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (RegistryError, TrackingError) as exc:
-        print(f"tracking error: {exc}", file=sys.stderr)
-        return EXIT_TRACKING
-    return 0
+
+    _, code = _guarded(rank_and_register)
+    return code or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "httpx", "mlflow.tracking._tracking_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if argv and argv[0] == "checkpoints":
-        return _checkpoints(argv[1:])
-    if argv and argv[0] in ("sweep", "cv", "best"):
-        return {"sweep": _sweep, "cv": _cv, "best": _best}[argv[0]](argv[1:])
-    return _train(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return _train(argv)  # the default command: mltrainer --config x.yaml
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "checkpoints": _checkpoints, "sweep": _sweep, "cv": _cv, "best": _best}
 
 
 if __name__ == "__main__":

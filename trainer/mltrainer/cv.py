@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -146,15 +145,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def run_cv(setup: CvSetup) -> CvOutcome:
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     from mltrainer import plots, tracking
     from mltrainer.train import train
 
     cfg = setup.cfg
-    if cfg.tracking.uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri
-    client = MlflowClient()
+    client = tracking.client_for(cfg)
     tracking.check_server(client)
     workdir = Path(tempfile.mkdtemp(prefix="mltrainer-cv-"))
     try:

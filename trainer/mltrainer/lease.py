@@ -35,6 +35,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+from mltrainer.errors import EXIT_RESUME, MltrainerError
+
 logger = logging.getLogger(__name__)
 
 LEASE_TAG = "mltrainer.lease"
@@ -48,8 +50,11 @@ RENEWALS_PER_LEASE = 4
 CLAIM_SETTLE_SECONDS = 2.0
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(MltrainerError):
     """Another process holds (or just claimed) the run's lease; the message names it."""
+
+    exit_code = EXIT_RESUME
+    label = "resume error"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mltrainer.config import TrainConfig
+from mltrainer.errors import ConfigError
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -35,7 +36,7 @@ def load_raw_datasets(cfg: TrainConfig):
         train = load_dataset(hub.name, hub.config, split=hub.split_train)
         evaluation = load_dataset(hub.name, hub.config, split=hub.split_eval) if hub.split_eval else None
     if data.text_column not in train.column_names:
-        raise ValueError(f"data.text_column: column {data.text_column!r} not in the training data {train.column_names}")
+        raise ConfigError("data.text_column", f"column {data.text_column!r} not in the training data {train.column_names}")
     if data.max_train_samples:
         train = train.select(range(min(data.max_train_samples, len(train))))
     if evaluation is not None and data.max_eval_samples:
@@ -46,7 +47,7 @@ def load_raw_datasets(cfg: TrainConfig):
 def _label_mapping(cfg: TrainConfig, train, evaluation) -> dict[Any, int]:
     column = cfg.data.label_column
     if column not in train.column_names:
-        raise ValueError(f"data.label_column: column {column!r} not in the training data {train.column_names}")
+        raise ConfigError("data.label_column", f"column {column!r} not in the training data {train.column_names}")
     values = set(train[column]) | (set(evaluation[column]) if evaluation is not None else set())
     ordered = sorted(values, key=lambda v: (str(type(v)), v))
     if all(isinstance(v, int) for v in ordered) and ordered == list(range(len(ordered))):
@@ -73,7 +74,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         mapping = _label_mapping(cfg, train, evaluation)
         num_labels = m.num_labels or len(mapping)
         if len(mapping) > num_labels:
-            raise ValueError(f"model.num_labels={num_labels} but the data has {len(mapping)} labels")
+            raise ConfigError("model.num_labels", f"{num_labels}, but the data has {len(mapping)} labels")
         config = AutoConfig.from_pretrained(m.name_or_path, num_labels=num_labels, **m.config_overrides)
         config.id2label = {i: str(v) for v, i in mapping.items()}
         config.label2id = {str(v): i for v, i in mapping.items()}

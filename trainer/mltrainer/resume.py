@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mltrainer import server_errors, tracking
 from mltrainer.config import TrainConfig
+from mltrainer.errors import EXIT_OK, EXIT_RESUME, MltrainerError
 from mltrainer.lease import LeaseKeeper, RunInUseError, holder, in_use_message
 from mltrainer.manifest import Manifest
 from mltrainer.naming import run_dir_name
@@ -29,12 +30,17 @@ logger = logging.getLogger(__name__)
 LATEST_PAGE_SIZE = 100
 
 
-class ResumeError(RuntimeError):
+class ResumeError(MltrainerError):
     """A resume that cannot proceed; the message says why. Nothing in the store was changed."""
 
+    exit_code = EXIT_RESUME
+    label = "resume error"
 
-class RunAlreadyFinished(Exception):
+
+class RunAlreadyFinished(MltrainerError):
     """The run to resume ended FINISHED: there is nothing to do, and nothing is done."""
+
+    exit_code = EXIT_OK  # not a failure: a restart loop ends here
 
     def __init__(self, run):
         self.run_id = run.info.run_id
@@ -56,10 +62,14 @@ class ResumePoint:
     logged_steps: dict[str, int]  # metric key -> last step already in the run
 
 
+# MLflow's error codes for "no such run", and the one its auth layer answers (403) for a run it
+# cannot find: to this user, both mean the run is not there.
+RUN_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND", "PERMISSION_DENIED"})
+
+
 def run_lookup_error(run_id: str, exc: Exception) -> str:
-    """The server answers 403 for a run it cannot find under auth; say what that means."""
-    text = str(exc)
-    if "403" in text or "404" in text or "RESOURCE_DOES_NOT_EXIST" in text:
+    """One line for a failed ``get_run``: not found (or not readable), or the server's own words."""
+    if getattr(exc, "error_code", None) in RUN_NOT_FOUND_CODES:
         return f"run {run_id!r} not found (or not readable by this MLflow user)"
     return f"run {run_id!r} could not be read: {server_errors.describe(exc)}"
 

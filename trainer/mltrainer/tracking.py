@@ -21,7 +21,9 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from mltrainer import server_probe
 from mltrainer.config import TrainConfig, config_hash
+from mltrainer.errors import TrackingError  # noqa: F401 - raised by callers as tracking.TrackingError
 from mltrainer.params import flatten, truncate_values
 from mltrainer.redaction import Scrubber
 
@@ -37,57 +39,22 @@ MAX_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batc
 MLFLOW_MAX_TAG_VALUE = 8000
 
 
-class TrackingError(RuntimeError):
-    pass
+def client_for(cfg: TrainConfig) -> MlflowClient:
+    """The client of the server ``cfg`` tracks to: ``tracking.uri`` when the config names one,
+    else MLflow's default (MLFLOW_TRACKING_URI). The one place the config's URI takes effect.
 
-
-_PREFLIGHT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    The URI also becomes MLflow's process default (``mlflow.set_tracking_uri``): the fluent calls
+    that log and register the final model use it, and so do Ray trial processes, which inherit it.
+    """
+    if cfg.tracking.uri:
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+    return MlflowClient(tracking_uri=cfg.tracking.uri)
 
 
 def check_server(client: MlflowClient) -> None:
-    """Fail before any work when the server is unreachable or the credentials are wrong."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        raise TrackingError(f"MLFLOW_TRACKING_URI must be the stack's http(s) URI, got {uri!r}")
-    # Say where the run goes and as whom: the environment decides both, and it may not be the
-    # stack the user has in mind.
-    logger.info("tracking server %s, user %s", uri, os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none set)")
-    # Fail fast: with MLflow's default retries (7, exponential backoff) a server that is down takes
-    # over 4 minutes to be reported. Values the user set explicitly still win.
-    added = {k: v for k, v in _PREFLIGHT_HTTP.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        _search_until_not_busy(client)
-    except mlflow.exceptions.MlflowException as exc:
-        text = str(exc)
-        if "401" in text or "Unauthorized" in text or "credentials" in text.lower():
-            raise TrackingError(
-                f"the MLflow server at {uri} rejected the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD)"
-            ) from None
-        if "Max retries exceeded" in text or "Failed to establish a new connection" in text:
-            raise TrackingError(f"the MLflow server at {uri} is unreachable: {text.splitlines()[0]}") from None
-        raise TrackingError(f"the MLflow server at {uri} is not usable: {text.splitlines()[0]}") from None
-    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
-        raise TrackingError(f"the MLflow server at {uri} is unreachable: {exc}") from None
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _search_until_not_busy(client: MlflowClient, patience: float = 60.0) -> None:
-    """A server that answers 503 (busy: e.g. its database pool is exhausted) is up, not down:
-    keep asking for a while instead of failing the way an unreachable one does."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            client.search_experiments(max_results=1)
-            return
-        except mlflow.exceptions.MlflowException as exc:
-            if "503" not in str(exc) or time.monotonic() > deadline:
-                raise
-            logger.warning("the MLflow server is busy (503); asking again in 2 s")
-            time.sleep(2)
+    """Fail before any work when ``client``'s server is unreachable or the credentials are wrong
+    (TrackingError naming its URI); see server_probe for how, without touching MLflow's settings."""
+    server_probe.check_server(client.tracking_uri)
 
 
 def dataset_name(cfg: TrainConfig) -> str:

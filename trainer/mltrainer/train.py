@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mltrainer import tracking
 from mltrainer.config import TrainConfig
+from mltrainer.errors import ConfigError
 from mltrainer.naming import run_dir_name
 from mltrainer.transfer import RunArtifacts
 
@@ -50,8 +51,8 @@ def build_training_arguments(cfg: TrainConfig):
     try:
         return SecretFreeTrainingArguments.create(cfg.scrubber(), output_dir=str(Path(cfg.output_root) / ".pending"),
                                                   report_to="none", **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"training: {exc}") from None
+    except (TypeError, ValueError) as exc:  # transformers' own check of a value we passed through
+        raise ConfigError("training", str(exc)) from None
 
 
 def is_main_process() -> bool:
@@ -75,16 +76,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
 
     ``parent_run_id`` makes the run a nested child (sweep trials, cross-validation folds).
     """
-    from mlflow.tracking import MlflowClient
-
     from mltrainer.lease import LeaseKeeper
 
-    if cfg.tracking.uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri
+    client = tracking.client_for(cfg)
     args = build_training_arguments(cfg)
     _ = args.device  # initialises torch.distributed under torchrun/accelerate
     main = is_main_process()
-    client = MlflowClient()
     # This process's lease on its run (rank 0 only): no second trainer may resume it meanwhile.
     lease = LeaseKeeper(client, cfg.tracking.lease_seconds) if main else None
     try:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from mltrainer.errors import EXIT_UPLOAD, MltrainerError
 from mltrainer.config import UploadConfig
 from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
 from mltrainer.policy import CheckpointPolicy, RetentionState
@@ -47,8 +48,11 @@ class ArtifactStore(Protocol):
     def delete_artifacts(self, artifact_path: str | None = None) -> None: ...
 
 
-class UploadError(RuntimeError):
+class UploadError(MltrainerError):
     """Checkpoints that could not be stored; they are still on local disk."""
+
+    exit_code = EXIT_UPLOAD
+    label = "upload error"
 
     def __init__(self, failures: list[tuple[str, Path, BaseException]]):
         self.failures = failures
