@@ -225,6 +225,9 @@ def _cv(argv: list[str]) -> int:
 
 
 def _best(argv: list[str]) -> int:
+    from mltrainer.config import RegisteredModelConfig
+    from mltrainer.limits import model_alias_problem
+
     parser = argparse.ArgumentParser(prog="mltrainer best",
                                      description="Rank an experiment's runs by a metric; optionally register the best.")
     parser.add_argument("--experiment", required=True)
@@ -234,16 +237,14 @@ def _best(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=5, help="how many runs to show (default 5)")
     parser.add_argument("--all-statuses", action="store_true", help="also consider unfinished and failed runs")
     parser.add_argument("--register", metavar="MODEL_NAME", help="register the best run's model under this name")
-    parser.add_argument("--alias", default="champion", help="alias for the registered version (default champion)")
+    parser.add_argument("--alias", default=RegisteredModelConfig.alias,
+                        help=f"alias for the registered version (default {RegisteredModelConfig.alias})")
     args = parser.parse_args(argv)
     _require_tracking_server()
     if args.top < 1:
         parser.error("--top must be >= 1")
-    import re
-
-    if not re.match(r"^[A-Za-z0-9_-]+$", args.alias) or args.alias.lower() == "latest" or re.match(r"^[vV]\d+$", args.alias):
-        parser.error(f"--alias {args.alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; "
-                     "not 'latest' or 'v<number>')")
+    if (problem := model_alias_problem(args.alias)) is not None:
+        parser.error(f"--alias: {problem}")
 
     import mlflow
 

@@ -40,6 +40,7 @@ from .limits import (
     RUN_NAME_MAX_CHARS,
     NameTooLongError,
     check_length,
+    model_alias_problem,
     registered_model_name_problem,
 )
 from .lease import DEFAULT_LEASE_SECONDS, MIN_LEASE_SECONDS
@@ -63,7 +64,6 @@ OWNED_TRAINING_KEYS = {
     "output_dir": "set by mltrainer from output_root and the run name; use output_root",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
 _REQUIRED = object()
 
 
@@ -553,11 +553,8 @@ def _registered_model(data: Any) -> RegisteredModelConfig | None:
         return None
     s = _Section(data, "registered_model", ["name", "alias"])
     alias = s.get_str("alias", RegisteredModelConfig.alias)
-    if not _MLFLOW_ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
-        raise ConfigError(
-            s.key_of("alias"),
-            f"{alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; not 'latest' or 'v<number>')",
-        )
+    if (problem := model_alias_problem(alias)) is not None:
+        raise ConfigError(s.key_of("alias"), problem)
     name = s.get_str("name")
     if (problem := registered_model_name_problem(name)) is not None:
         raise ConfigError(s.key_of("name"), problem)

@@ -13,6 +13,7 @@ before it reaches a ``VARCHAR(250)``. The limits below are the columns'.
 from __future__ import annotations
 
 import posixpath
+import re
 
 # Columns of MLflow's SQL schema (mlflow/store/*/dbmodels/models.py); PostgreSQL counts characters.
 RUN_NAME_MAX_CHARS = 250  # runs.name
@@ -74,6 +75,19 @@ def registered_model_name_problem(name: str) -> str | None:
     if len(name) > REGISTERED_MODEL_NAME_MAX_CHARS:
         return (f"is {len(name)} characters long; MLflow's registry holds at most "
                 f"{REGISTERED_MODEL_NAME_MAX_CHARS}: {preview(name)}")
+    return None
+
+
+_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def model_alias_problem(alias: str) -> str | None:
+    """Why MLflow's registry would refuse ``alias`` for a model version, or ``None``.
+
+    'latest' and 'v<number>' are refused by MLflow because they already mean a version.
+    """
+    if not _MLFLOW_ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
+        return f"{alias!r} is not a valid MLflow alias (letters, digits, '_' and '-'; not 'latest' or 'v<number>')"
     return None
 
 
