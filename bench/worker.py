@@ -129,19 +129,14 @@ def train(a: dict) -> dict:
         from mlflow.tracking import MlflowClient
 
         from mltrainer import tracking
-        from mltrainer.callback import StoreCheckpointsCallback
-        from mltrainer.transfer import RunArtifacts
-        from mltrainer.uploader import CheckpointUploader
+        from mltrainer.pipeline import build_checkpoint_pipeline
 
         client = MlflowClient()
         run_id = tracking.create_run(client, cfg, f"bench-{mode}")
-        store = RunArtifacts.of_run(client, run_id)
-        uploader = CheckpointUploader(store, cfg.checkpoints, queue_size=cfg.upload.queue_size,
-                                      part_limit=store.part_limit, background_parts=cfg.upload.background_parts)
-        tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
-        callbacks.append(StoreCheckpointsCallback(client=client, run_id=run_id, policy=cfg.checkpoints,
-                                                  uploader=uploader, snapshot_root=out_dir / ".upload-snapshots",
-                                                  is_main=True))
+        # The trainer's own wiring (train.py builds it the same way), so the bench measures the product
+        pipeline = build_checkpoint_pipeline(cfg, client, run_id, out_dir)
+        uploader = pipeline.uploader
+        callbacks.append(pipeline.callback)
     if mode == "boto3":
         callbacks.append(_boto3_every_save())
     trainer = Trainer(model=prepared.model, args=args, train_dataset=prepared.train_dataset,

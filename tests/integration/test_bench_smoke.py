@@ -11,6 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mltrainer.store import scan
+from mltrainer.tracking import TAG_LATEST
+
+from trainer_support import trainer_client
+
 REPO = Path(__file__).resolve().parents[2]
 
 CASES = ("train", "transfer", "resume", "metrics", "dedup")
@@ -61,3 +66,13 @@ def test_bench_smoke_reports_every_case(native_stack, tmp_path):
     assert dedup["checkpoints"] == 3
     assert 0 < dedup["uploaded_bytes"] <= dedup["folder_bytes"]
     assert dedup["uploaded_bytes"] + dedup["deduplicated_bytes"] == dedup["folder_bytes"]
+
+    # The bench trains with the trainer's own checkpoint pipeline, not a copy of its wiring: like
+    # every trainer run, each bench run points its latest-checkpoint tag at its newest stored one.
+    with trainer_client(native_stack) as client:
+        experiment = client.get_experiment_by_name("bench-training")
+        runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'bench-ours'")
+        assert runs
+        for run in runs:
+            stored = sorted(c.store_path for c in scan(client, run.info.run_id) if c.manifest is not None)
+            assert run.data.tags.get(TAG_LATEST) == stored[-1]

@@ -15,7 +15,6 @@ from mltrainer import tracking
 from mltrainer.config import TrainConfig
 from mltrainer.errors import ConfigError
 from mltrainer.naming import run_dir_name
-from mltrainer.transfer import RunArtifacts
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +94,11 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
            parent_run_id: str | None, extra_tags: dict[str, str] | None) -> TrainResult:
     from transformers import Trainer
 
-    from mltrainer.callback import ReachedMaxSteps, StoreCheckpointsCallback
+    from mltrainer.callback import ReachedMaxSteps
     from mltrainer.lease import RunInUseError
     from mltrainer.modeling import prepare
+    from mltrainer.pipeline import build_checkpoint_pipeline
     from mltrainer.resume import prepare_resume
-    from mltrainer.uploader import CheckpointUploader
 
     point = None
     if main:
@@ -138,28 +137,8 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                 tracking.log_config_artifact(client, run_id, cfg)
             else:
                 client.update_run(run_id, status="RUNNING")
-            store = RunArtifacts.of_run(client, run_id)
-
-            def on_stored(manifest, retention):
-                tags = {tracking.TAG_LATEST: retention.latest() or ""}
-                if best := retention.best(cfg.checkpoints):
-                    tags[tracking.TAG_BEST] = best
-                tracking.set_tags(client, run_id, tags)
-
-            uploader = CheckpointUploader(
-                store, cfg.checkpoints, retention=point.retention if point else None,
-                queue_size=cfg.upload.queue_size, max_retries=cfg.upload.max_retries,
-                backoff_seconds=cfg.upload.backoff_seconds, on_stored=on_stored,
-                part_limit=store.part_limit, background_parts=cfg.upload.background_parts,
-            )
-            if point is not None:
-                uploader.adopt(point.manifests)
-        tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
-        callback = StoreCheckpointsCallback(
-            client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
-            snapshot_root=run_dir / ".upload-snapshots", is_main=main,
-            already_logged=point.logged_steps if point else None, lease=lease,
-        )
+        pipeline = build_checkpoint_pipeline(cfg, client, run_id, run_dir, is_main=main, resume=point, lease=lease)
+        uploader, callback = pipeline.uploader, pipeline.callback
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset, data_collator=prepared.data_collator,
