@@ -4,12 +4,12 @@ from mltrainer.monitor import MonitorWatch, metric_problem
 
 
 def test_metric_problem_knows_what_the_trainer_logs():
-    assert metric_problem("loss", has_eval_data=False, eval_strategy="no") is None
-    assert metric_problem("eval_loss", has_eval_data=True, eval_strategy="epoch") is None
-    assert "needs evaluation data" in metric_problem("eval_loss", has_eval_data=False, eval_strategy="steps")
-    assert "training.eval_strategy" in metric_problem("eval_loss", has_eval_data=True, eval_strategy="no")
-    assert "did you mean loss?" in metric_problem("los", has_eval_data=True, eval_strategy="steps")
-    assert "after the last save" in metric_problem("train_runtime", has_eval_data=True, eval_strategy="steps")
+    assert metric_problem("loss", has_eval_data=False, evaluates=False) is None
+    assert metric_problem("eval_loss", has_eval_data=True, evaluates=True) is None
+    assert "needs evaluation data" in metric_problem("eval_loss", has_eval_data=False, evaluates=True)
+    assert "training.eval_strategy" in metric_problem("eval_loss", has_eval_data=True, evaluates=False)
+    assert "did you mean loss?" in metric_problem("los", has_eval_data=True, evaluates=True)
+    assert "after the last save" in metric_problem("train_runtime", has_eval_data=True, evaluates=True)
 
 
 def test_watch_warns_once_naming_the_metric_and_what_was_logged(caplog):
@@ -38,3 +38,13 @@ def test_watch_has_no_problem_once_the_metric_appeared_or_without_monitor(caplog
     with caplog.at_level(logging.WARNING, logger="mltrainer.monitor"):
         unmonitored.at_save(4, {})
     assert unmonitored.problem("x") is None and not caplog.records
+
+
+def test_config_evaluates_only_with_an_eval_strategy():
+    from mltrainer.config import build_config
+
+    base = {"experiment": {"name": "e"}, "model": {"name_or_path": "org/m", "task": "causal-lm"},
+            "data": {"hub": {"name": "d"}}}
+    assert not build_config(base).evaluates  # TrainingArguments' default: no evaluation
+    assert not build_config({**base, "training": {"eval_strategy": "no"}}).evaluates
+    assert build_config({**base, "training": {"eval_strategy": "steps"}}).evaluates

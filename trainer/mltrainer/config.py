@@ -216,6 +216,12 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     log_final_model: bool = True  # the trained model as an MLflow model at the end (a few seconds)
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether the Trainer runs evaluation: ``training.eval_strategy`` other than TrainingArguments'
+        default, ``no``."""
+        return self.training.get("eval_strategy", "no") not in ("no", None, False)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config_hash`` hashes and runs log)."""
         return dataclasses.asdict(self)
@@ -627,8 +633,7 @@ def _check_policy_metrics(cfg: TrainConfig) -> None:
     named += [("checkpoints.path_template", f) for f in template_fields(policy.path_template)
               if f not in ("step", "epoch")]
     for key, metric in named:
-        problem = metric_problem(metric, has_eval_data=cfg.data.has_eval,
-                                 eval_strategy=cfg.training.get("eval_strategy", "no"))
+        problem = metric_problem(metric, has_eval_data=cfg.data.has_eval, evaluates=cfg.evaluates)
         if problem is not None:
             raise ConfigError(key, problem)
 

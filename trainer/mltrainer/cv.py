@@ -79,7 +79,7 @@ def load_cv(config_path: str | Path, overrides: Sequence[str], folds: int, metri
     if folds < 2:
         raise ConfigError("--folds", f"needs at least 2 folds, got {folds}")
     metrics = list(metrics) or ["eval_loss"]
-    if any(m.startswith("eval_") for m in metrics) and cfg.training.get("eval_strategy", "no") in ("no", None, False):
+    if any(m.startswith("eval_") for m in metrics) and not cfg.evaluates:
         raise ConfigError("training.eval_strategy", f"--metric {metrics[0]} needs evaluation: set "
                                                     "training.eval_strategy to steps or epoch", source=str(path))
     data["output_root"] = str(Path(cfg.output_root).resolve())

@@ -33,14 +33,17 @@ AFTER_TRAINING_METRICS = ("train_loss", "train_runtime", "train_samples_per_seco
                           "total_flos")
 
 
-def metric_problem(name: str, *, has_eval_data: bool, eval_strategy: object) -> str | None:
-    """Why metric ``name`` can never be there at a save of this run, or ``None`` if it can."""
+def metric_problem(name: str, *, has_eval_data: bool, evaluates: bool) -> str | None:
+    """Why metric ``name`` can never be there at a save of this run, or ``None`` if it can.
+
+    ``evaluates``: whether the Trainer runs evaluation at all (``TrainConfig.evaluates``).
+    """
     if name in TRAIN_METRICS:
         return None
     if name in EVAL_METRICS:
         if not has_eval_data:
             return f"{name!r} needs evaluation data: set data.hub.split_eval or data.files.eval"
-        if eval_strategy in ("no", None, False):
+        if not evaluates:
             return f"{name!r} is only computed when training.eval_strategy is 'steps' or 'epoch'"
         return None
     if name in AFTER_TRAINING_METRICS:
