@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # MLflow's per-download bars are noise next to ours (manifests are tiny).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at" whenever a run ends; we print each run's link once, ourselves.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "httpx", "mlflow.tracking._tracking_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ from typing import Any
 
 from mltrainer.config import TrainConfig
 from mltrainer.errors import ConfigError
+from mltrainer.pretrained import from_pretrained
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -79,7 +80,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         config.id2label = {i: str(v) for v, i in mapping.items()}
         config.label2id = {str(v): i for v, i in mapping.items()}
         model = (AutoModelForSequenceClassification.from_config(config) if m.from_config
-                 else AutoModelForSequenceClassification.from_pretrained(m.name_or_path, config=config))
+                 else from_pretrained(AutoModelForSequenceClassification, m.name_or_path, config))
 
         def encode(batch):
             out = tokenizer(batch[text_col], truncation=True, max_length=max_len)
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         config = AutoConfig.from_pretrained(m.name_or_path, **m.config_overrides)
         model = (AutoModelForCausalLM.from_config(config) if m.from_config
-                 else AutoModelForCausalLM.from_pretrained(m.name_or_path, config=config))
+                 else from_pretrained(AutoModelForCausalLM, m.name_or_path, config))
 
         def encode(batch):
             return tokenizer(batch[text_col], truncation=True, max_length=max_len)
