@@ -182,3 +182,25 @@ def test_differing_params():
     runs = [SimpleNamespace(data=SimpleNamespace(params=p)) for p in
             ({"x": "1", "c": "s"}, {"x": "2", "c": "s"}, {"c": "s", "y": "1"})]
     assert differing_params(runs) == ["x", "y"]
+
+
+@pytest.mark.parametrize("search, key, message", [
+    ({"trials": 0}, "search.trials", "must be >= 1, got 0"),
+    ({"parallel": "2"}, "search.parallel", "expected an integer, got str '2'"),
+    ({"direction": "down"}, "search.direction", "must be one of minimize, maximize, got 'down'"),
+    ({"metric": 3}, "search.metric", "expected a non-empty string, got int 3"),
+    ({"space": {"training.learning_rate": {"type": "float", "low": 0.1, "high": 1.0, "log": "yes"}}},
+     "search.space.training.learning_rate.log", "expected true or false, got str 'yes'"),
+])
+def test_sweep_files_are_validated_in_the_training_configs_words(tmp_path, search, key, message):
+    """A sweep file is checked by the training config's own machinery (config._Section): a wrong
+    type or range reads the same in both files."""
+    exc = error_of(tmp_path, search)
+    assert (exc.key, exc.message) == (key, message) and exc.exit_code == 2
+
+
+def test_int_bounds_of_a_float_range_are_kept_as_written(tmp_path):
+    """``low: 0`` stays 0 in the stored space: a study's identity hash (resuming) depends on it."""
+    space = {"training.weight_decay": {"type": "float", "low": 0, "high": 1}}
+    spec = load_sweep(sweep_file(tmp_path, {"space": space})).spec
+    assert spec.space_json() == '{"training.weight_decay": {"high": 1, "log": false, "low": 0, "type": "float"}}'
