@@ -53,10 +53,18 @@ def _guarded(action: Callable[[], Any]) -> tuple[Any, int | None]:
             print(exc)
         else:
             print(f"{exc.label}: {exc}", file=sys.stderr)
+            _print_notes(exc)
         return None, exc.exit_code
     except MlflowException as exc:  # the server refused a request; its message may hold SQL text
         print(f"tracking error: {server_errors.describe(exc)}", file=sys.stderr)
+        _print_notes(exc)
         return None, EXIT_TRACKING
+
+
+def _print_notes(exc: BaseException) -> None:
+    """What was added on the way out, e.g. the checkpoints a failed training left only on local disk."""
+    for note in getattr(exc, "__notes__", ()):
+        print(note, file=sys.stderr)
 
 
 # The subcommands, for dispatch and for ``mltrainer --help``: name -> one line on what it does.

@@ -15,6 +15,8 @@
   saves queueing up) ``concurrency`` files go side by side, each with all its parts.
 - Transient failures retry with exponential backoff. A checkpoint that still fails is kept on
   local disk and reported: the error is re-raised on the next ``submit`` and by ``close``.
+- When training ends with an exception instead, ``end_after_error`` still accounts for every
+  checkpoint handed over: stored, or logged by name with its local copy; and the worker stops.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class CheckpointUploader:
         self._digests: dict[str, str] = {}  # sha256 -> store path of a stored object in this run
         self._manifests: dict[str, Manifest] = {}  # store path of checkpoint -> its manifest
         self._failures: list[tuple[str, Path, BaseException]] = []
+        self._in_flight: UploadJob | None = None  # the checkpoint the worker is storing now
         self._reported = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
@@ -217,6 +220,72 @@ class CheckpointUploader:
         if failures:
             raise UploadError(failures)
 
+    def end_after_error(self, error: BaseException) -> list[tuple[str, Path]]:
+        """Training ended with ``error``: no checkpoint unaccounted for, no worker left behind.
+
+        After an exception the queued checkpoints are still stored (a crashed run resumes from
+        its latest stored one). After Ctrl-C the user wants out: the upload in flight finishes,
+        the queued ones are not started; a second Ctrl-C stops that wait too.
+        Every checkpoint not in the store is logged, and added as a note to ``error`` (unless
+        ``error`` is the UploadError naming it), so the traceback or message says what is only
+        local. Returns their ``(store path, local copy)``. Never raises an upload error: the
+        exception that ended training matters more.
+        """
+        interrupted = isinstance(error, KeyboardInterrupt)
+        try:
+            not_stored = self._finish_after_error(interrupted)
+        finally:
+            self._note_not_stored(error)
+        return not_stored
+
+    def _finish_after_error(self, interrupted: bool) -> list[tuple[str, Path]]:
+        if interrupted:
+            self._take_queued("training was interrupted")
+        if self._thread.is_alive():
+            self._closing = True
+            self._pace()
+            try:
+                self._queue.put(_STOP)
+                self._thread.join()
+            except KeyboardInterrupt:
+                # Interrupted while waiting: what is in flight or queued is left, and said so. The
+                # worker is a daemon thread, so it does not keep the process alive.
+                self._take_queued("training was interrupted")
+                if (job := self._in_flight) is not None:
+                    with self._lock:
+                        self._failures.append((job.store_path, _local_copy(job),
+                                               RuntimeError("upload interrupted")))
+                self._log_not_stored()
+                raise
+        return self._log_not_stored()
+
+    def _take_queued(self, why: str) -> None:
+        """Take every queued checkpoint off the queue unstarted, recorded as not stored."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                with self._lock:
+                    self._failures.append((item.store_path, _local_copy(item), RuntimeError(f"not attempted: {why}")))
+            self._queue.task_done()
+
+    def _note_not_stored(self, error: BaseException) -> None:
+        named = {path for path, _, _ in error.failures} if isinstance(error, UploadError) else set()
+        with self._lock:
+            unnamed = [(path, local) for path, local, _ in self._failures if path not in named]
+        if unnamed:
+            error.add_note(f"{len(unnamed)} checkpoint(s) not stored, only on local disk:\n"
+                           + "\n".join(f"  - {path} (local copy: {local})" for path, local in unnamed))
+
+    def _log_not_stored(self) -> list[tuple[str, Path]]:
+        with self._lock:
+            not_stored = [(path, local) for path, local, _ in self._failures]
+        for path, local in not_stored:
+            logger.error("checkpoint %s is not in the store; its only copy is local: %s", path, local)
+        return not_stored
+
     def _pace(self, hurry: bool = False) -> None:
         """Everything at once when training waits or will (closing, a save queued behind the
         upload running now): ``concurrency`` files, all parts. Otherwise one file at a time,
@@ -236,6 +305,7 @@ class CheckpointUploader:
                 if job is _STOP:
                     return
                 self._pace()
+                self._in_flight = job
                 try:
                     self._store_checkpoint(job)
                     shutil.rmtree(job.snapshot, ignore_errors=True)
@@ -244,6 +314,7 @@ class CheckpointUploader:
                     with self._lock:
                         self._failures.append((job.store_path, _local_copy(job), exc))
             finally:
+                self._in_flight = None
                 self._queue.task_done()
 
     def _retry(self, what: str, action: Callable[[], None]) -> None:
