@@ -35,8 +35,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stopped = _stack(args).down()
-    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    def progress(service: str, seconds: float | None) -> None:
+        # A line as each stop begins, so the wait for a slow one is visibly that service's.
+        if seconds is None:
+            print(f"stopping {service} ...", end="", flush=True)
+        else:
+            print(f" stopped in {seconds:.1f}s", flush=True)
+
+    started = time.monotonic()
+    stopped = _stack(args).down(progress=progress)
+    print(f"stopped {', '.join(stopped)} in {time.monotonic() - started:.1f}s" if stopped else "nothing was running")
     return 0
 
 
