@@ -26,8 +26,13 @@ from mlstack.native.ports import PUBLIC_PORTS, busy_public_ports, reassign_busy_
 from mlstack.native.processes import Handle, spawn, stop_tree, tail, wait_until
 
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop runs in reverse
-# SIGINT is PostgreSQL's "fast" shutdown: no waiting for idle clients.
+# SIGINT is PostgreSQL's "fast" shutdown: no waiting for idle clients. SeaweedFS treats SIGINT and
+# SIGTERM alike.
 STOP_SIGNALS = {"postgres": signal.SIGINT, "s3": signal.SIGTERM, "mlflow": signal.SIGTERM}
+# Seconds before what still runs is killed. SeaweedFS's filer alone waits 15 s for the S3 gateway's
+# subscription stream to end (measured 15.3-17.0 s on a loaded host): 20 s left too little margin
+# before a SIGKILL in the middle of its shutdown.
+STOP_TIMEOUTS = {"postgres": 20.0, "s3": 45.0, "mlflow": 20.0}
 PLACEHOLDER = "change-me"
 
 
@@ -249,7 +254,7 @@ class Stack:
                 if progress:
                     progress(service, None)
                 began = time.monotonic()
-                stop_tree(handle, first_signal=STOP_SIGNALS[service])
+                stop_tree(handle, first_signal=STOP_SIGNALS[service], timeout=STOP_TIMEOUTS[service])
                 stopped.append(service)
                 if progress:
                     progress(service, time.monotonic() - began)
