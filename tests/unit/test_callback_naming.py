@@ -3,6 +3,9 @@
 import logging
 from types import SimpleNamespace
 
+import pytest
+
+from mltrainer import tracking
 from mltrainer.callback import StoreCheckpointsCallback
 from mltrainer.config import checkpoint_policy
 from mltrainer.policy import RetentionState
@@ -21,6 +24,12 @@ class RecordingUploader:
 class NoClient:
     def log_batch(self, *args, **kwargs):
         pass
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_store(monkeypatch):
+    # Flushing MLflow's async queue opens the default store: a SQLite file in the working directory.
+    monkeypatch.setattr(tracking, "flush_metrics", lambda: None)
 
 
 def save_at(tmp_path, template, metrics):
