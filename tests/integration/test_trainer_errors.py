@@ -18,7 +18,7 @@ EXPERIMENT = unique_experiment("trainer-errors")
 # name -> (extra overrides, exit code, strings stderr must contain)
 CONFIG_CASES = {
     "unknown_key": (["training.learnin_rate=1"], ["training.learnin_rate", "did you mean learning_rate"]),
-    "wrong_type": (["checkpoints.save_top_k=two"], ["checkpoints.save_top_k", "expected a positive integer"]),
+    "wrong_type": (["checkpoints.save_top_k=two"], ["checkpoints.save_top_k", "expected an integer"]),
     "missing_data_file": (["data.files.train=configs/data/no-such-file.csv"],
                           ["data.files.train", "no-such-file.csv"]),
     "unknown_task": (["model.task=translation"], ["model.task", "translation"]),
