@@ -271,8 +271,11 @@ def test_trainer_container_trains_on_cpu(stack, as_teammate):
                   if line.startswith("Run ") and "finished at step" in line)
     run = as_teammate.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags.get("mlflow.source.git.commit") == subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    # The commit `make trainer-image` baked in (HEAD when it built), a commit of this repository.
+    env = stack.engine.cli("image", "inspect", "--format", "{{json .Config.Env}}", f"mlstack-trainer:{stack.tag}")
+    baked = next(v.split("=", 1)[1] for v in json.loads(env.stdout) if v.startswith("MLTRAINER_GIT_COMMIT="))
+    assert run.data.tags.get("mlflow.source.git.commit") == baked
+    assert subprocess.run(["git", "cat-file", "-e", f"{baked}^{{commit}}"], cwd=REPO).returncode == 0, baked
     rows = _stored(as_teammate, run_id)
     complete = [r for r in rows if r.state == "complete"]
     # save_last_k: 2 and save_top_k: 1 keep steps 16 and 20, and the best when it is another.
