@@ -179,7 +179,8 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                            callback.monitor_watch.problem(uploader.retention.latest()) if uploader else None)
     except BaseException as exc:
         if uploader is not None:  # queued checkpoints stored or named, the worker thread stopped
-            uploader.end_after_error(exc)
+            # Not into a run another process has taken over, and not after Ctrl-C: named instead.
+            uploader.end_after_error(exc, store_queued=not isinstance(exc, (KeyboardInterrupt, RunInUseError)))
         if main and isinstance(exc, RunInUseError):
             raise  # the run is someone else's now: its status is theirs to set
         if main:

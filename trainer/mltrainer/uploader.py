@@ -220,27 +220,29 @@ class CheckpointUploader:
         if failures:
             raise UploadError(failures)
 
-    def end_after_error(self, error: BaseException) -> list[tuple[str, Path]]:
+    def end_after_error(self, error: BaseException, store_queued: bool | None = None) -> list[tuple[str, Path]]:
         """Training ended with ``error``: no checkpoint unaccounted for, no worker left behind.
 
         After an exception the queued checkpoints are still stored (a crashed run resumes from
         its latest stored one). After Ctrl-C the user wants out: the upload in flight finishes,
-        the queued ones are not started; a second Ctrl-C stops that wait too.
+        the queued ones are not started; a second Ctrl-C stops that wait too. ``store_queued``
+        overrides that choice (default: store them unless ``error`` is a KeyboardInterrupt).
         Every checkpoint not in the store is logged, and added as a note to ``error`` (unless
         ``error`` is the UploadError naming it), so the traceback or message says what is only
         local. Returns their ``(store path, local copy)``. Never raises an upload error: the
         exception that ended training matters more.
         """
-        interrupted = isinstance(error, KeyboardInterrupt)
+        if store_queued is None:
+            store_queued = not isinstance(error, KeyboardInterrupt)
         try:
-            not_stored = self._finish_after_error(interrupted)
+            not_stored = self._finish_after_error(store_queued, why=f"training ended with {type(error).__name__}")
         finally:
             self._note_not_stored(error)
         return not_stored
 
-    def _finish_after_error(self, interrupted: bool) -> list[tuple[str, Path]]:
-        if interrupted:
-            self._take_queued("training was interrupted")
+    def _finish_after_error(self, store_queued: bool, why: str) -> list[tuple[str, Path]]:
+        if not store_queued:
+            self._take_queued(why)
         if self._thread.is_alive():
             self._closing = True
             self._pace()
