@@ -127,6 +127,7 @@ def compose_seaweedfs(work: Path) -> dict:
     return json.loads(proc.stdout)["services"]
 
 
+PORT_ATTEMPTS = 3
 IMAGE_WORKDIR = "/data"  # chrislusf/seaweedfs's WORKDIR, where weed runs unless compose says otherwise
 
 
@@ -142,28 +143,35 @@ def start_as_compose(work: Path) -> tuple[dict, Handle, dict[str, int]]:
     host_paths = {job["entrypoint"][-1]: security_dir, IMAGE_WORKDIR: work / "data"}
     cwd = host_paths[s3.get("working_dir", IMAGE_WORKDIR)]
 
-    ports = {f"{part}.port{suffix}": free_port() for part in ("master", "volume", "filer", "s3") for suffix in ("", ".grpc")}
-    # The container's command as compose runs it, then what differs on a shared host: ports
-    # (the container has its own), the data directory, and the volume size the image's
-    # entrypoint sets. Go's flag parser lets the last value of a flag win.
-    command = [weed_binary(), *s3["command"], f"-dir={work / 'data'}", "-master.volumeSizeLimitMB=1024",
-               *(f"-{flag}={port}" for flag, port in ports.items())]
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(work), **s3["environment"]}
-    log = work / "weed.log"
-    handle = spawn(command, env=env, log_path=log, cwd=cwd)
+    # Ports free when chosen can be taken by another process before weed binds them (the S3
+    # gateway's gRPC twin binds every address): then choose again, a few times.
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        ports = {f"{part}.port{suffix}": free_port() for part in ("master", "volume", "filer", "s3")
+                 for suffix in ("", ".grpc")}
+        # The container's command as compose runs it, then what differs on a shared host: ports
+        # (the container has its own), the data directory, and the volume size the image's
+        # entrypoint sets. Go's flag parser lets the last value of a flag win.
+        command = [weed_binary(), *s3["command"], f"-dir={work / 'data'}", "-master.volumeSizeLimitMB=1024",
+                   *(f"-{flag}={port}" for flag, port in ports.items())]
+        log = work / f"weed-{attempt}.log"
+        handle = spawn(command, env=env, log_path=log, cwd=cwd)
 
-    def answers() -> bool:
+        def answers() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{ports['s3.port']}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
         try:
-            return requests.get(f"http://127.0.0.1:{ports['s3.port']}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(answers, what="SeaweedFS as compose runs it", timeout=90, handle=handle, log_path=log)
-    except Exception:
-        stop_tree(handle)
-        raise
-    return {"security_dir": security_dir, "environment": s3["environment"], "log": log}, handle, ports
+            wait_until(answers, what="SeaweedFS as compose runs it", timeout=90, handle=handle, log_path=log)
+        except Exception:
+            stop_tree(handle)
+            if attempt < PORT_ATTEMPTS and "address already in use" in log.read_text(errors="replace"):
+                continue
+            raise
+        return {"security_dir": security_dir, "environment": s3["environment"], "log": log}, handle, ports
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module", params=["native", "compose"])
