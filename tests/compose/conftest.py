@@ -60,13 +60,15 @@ class ComposeProject:
 
     def make(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
         cmd = ["make", "--no-print-directory", *args, "S3=seaweedfs", f"ENV_FILE={self.env_file}"]
-        return subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
 
     def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
         cmd = ["docker", "compose", "--env-file", str(self.env_file)]
         for f in COMPOSE_FILES:
             cmd += ["-f", f]
-        proc = subprocess.run([*cmd, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([*cmd, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} failed (exit {proc.returncode}):\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

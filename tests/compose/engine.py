@@ -52,7 +52,8 @@ def compose_binary() -> Path:
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # No stdin: CI runs without one, and `compose run` would attach it to the container.
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def docker_daemon_answers(env: dict[str, str]) -> bool:
