@@ -176,15 +176,7 @@ class CheckpointUploader:
         return self._queue.unfinished_tasks
 
     def _stop_and_account(self, also: list[UploadJob]) -> None:
-        abandoned = list(also)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                abandoned.append(item)
-            self._queue.task_done()
+        abandoned = [*also, *self._unqueue_all()]
         self._queue.join()  # the upload in flight ends, stored or failed, so the list is exact
         with self._lock:
             for item in abandoned:
@@ -263,14 +255,20 @@ class CheckpointUploader:
 
     def _take_queued(self, why: str) -> None:
         """Take every queued checkpoint off the queue unstarted, recorded as not stored."""
+        for item in self._unqueue_all():
+            with self._lock:
+                self._failures.append((item.store_path, _local_copy(item), RuntimeError(f"not attempted: {why}")))
+
+    def _unqueue_all(self) -> list[UploadJob]:
+        """Empty the queue without running anything; the checkpoints it held (not the stop marker)."""
+        taken = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return taken
             if item is not _STOP:
-                with self._lock:
-                    self._failures.append((item.store_path, _local_copy(item), RuntimeError(f"not attempted: {why}")))
+                taken.append(item)
             self._queue.task_done()
 
     def _note_not_stored(self, error: BaseException) -> None:
