@@ -132,7 +132,7 @@ def server_environment(env: dict[str, str], auth_config: Path) -> dict[str, str]
             c.REGISTRY_STORE_URI_ENV_VAR: uri,
             c.ARTIFACT_ROOT_ENV_VAR: "mlflow-artifacts:/",
             c.SERVE_ARTIFACTS_ENV_VAR: "true",
-            c.ARTIFACTS_DESTINATION_ENV_VAR: f"s3://{s.S3_BUCKET.get(env)}/artifacts",
+            c.ARTIFACTS_DESTINATION_ENV_VAR: s.artifacts_destination(env),
             "MLFLOW_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL.get(env),
             "_MLFLOW_SGI_NAME": "uvicorn",
             "_MLFLOW_SERVER_BOOT_ID": uuid.uuid4().hex,

@@ -114,6 +114,16 @@ ALL_VARS: tuple[Var, ...] = tuple(v for v in globals().values() if isinstance(v,
 SECRET_VARS: tuple[Var, ...] = tuple(v for v in ALL_VARS if v.secret)
 
 
+# Where the MLflow server keeps proxied artifacts: ``mlflow-artifacts:/<path>`` is the object
+# ``<ARTIFACTS_KEY_PREFIX>/<path>`` of the bucket (the server's and gc's one reading of the URI).
+ARTIFACTS_KEY_PREFIX = "artifacts"
+
+
+def artifacts_destination(env: dict[str, str] | None = None) -> str:
+    """The S3 URI behind ``mlflow-artifacts:/`` (the server's ``--artifacts-destination``)."""
+    return f"s3://{S3_BUCKET.get(env)}/{ARTIFACTS_KEY_PREFIX}"
+
+
 def backend_store_uri(env: dict[str, str] | None = None, database: str | None = None) -> str:
     """SQLAlchemy URI of a stack database.
 
