@@ -21,7 +21,7 @@ COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help venv up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
+.PHONY: backup restore stack-backup stack-restore help venv up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -86,6 +86,22 @@ user: $(STAMP) ## Create a person's account NAME=alice on the native stack; prin
 compose-user: ## The same on the compose stack: make compose-user NAME=alice
 	@test -n "$(NAME)" || { echo "usage: make compose-user NAME=<username>" >&2; exit 2; }
 	$(COMPOSE) run --rm users-init --add "$(NAME)" $(ARGS)
+
+# --- Backup and restore (README: Backup and restore) ------------------------------------------
+BACKUP_ROOT ?= backups
+backup: $(STAMP) ## Back up the compose stack (both databases, the whole bucket) into backups/<UTC time>/
+	$(BIN)/python -m mlstack.backup create --compose "$(COMPOSE)" --env-file $(ENV_FILE) --into $(BACKUP_ROOT)
+
+restore: $(STAMP) ## Restore BACKUP=backups/<time> onto an empty compose stack of the same MLflow version
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=backups/<UTC time>" >&2; exit 2; }
+	$(BIN)/python -m mlstack.backup restore "$(BACKUP)" --compose "$(COMPOSE)" --env-file $(ENV_FILE)
+
+stack-backup: $(STAMP) ## The same for the native stack: backups/<UTC time>/
+	$(BIN)/python -m mlstack.backup create --state-dir $(STACK_STATE_DIR) --into $(BACKUP_ROOT)
+
+stack-restore: $(STAMP) ## Restore BACKUP=backups/<time> onto an empty native stack of the same MLflow version
+	@test -n "$(BACKUP)" || { echo "usage: make stack-restore BACKUP=backups/<UTC time>" >&2; exit 2; }
+	$(BIN)/python -m mlstack.backup restore "$(BACKUP)" --state-dir $(STACK_STATE_DIR)
 
 # --- Tests ----------------------------------------------------------------------------------
 test: $(STAMP) compose-config ## Create the venv if needed, validate compose, run the unit and integration tests

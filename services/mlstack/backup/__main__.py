@@ -1,0 +1,5 @@
+import sys
+
+from mlstack.backup.cli import main
+
+sys.exit(main())
