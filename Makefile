@@ -87,6 +87,19 @@ compose-user: ## The same on the compose stack: make compose-user NAME=alice
 	@test -n "$(NAME)" || { echo "usage: make compose-user NAME=<username>" >&2; exit 2; }
 	$(COMPOSE) run --rm users-init --add "$(NAME)" $(ARGS)
 
+# --- Garbage collection ---------------------------------------------------------------------
+# OLDER_THAN empty: mlstack.gc's own default (30d). DRY_RUN=1 lists what would go, changes nothing.
+OLDER_THAN ?=
+DRY_RUN ?=
+GC_ARGS = $(if $(OLDER_THAN),--older-than $(OLDER_THAN)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+.PHONY: gc stack-gc
+
+gc: ## Compose stack: remove runs/models/experiments deleted > OLDER_THAN (30d) ago and orphaned objects; DRY_RUN=1 lists only
+	$(COMPOSE) run --rm --no-deps --entrypoint python mlflow -m mlstack.gc $(GC_ARGS)
+
+stack-gc: $(STAMP) ## The same on the native stack (OLDER_THAN=..., DRY_RUN=1)
+	$(BIN)/python -m mlstack.gc --state-dir $(STACK_STATE_DIR) $(GC_ARGS)
+
 # --- Backup and restore (README: Backup and restore) ------------------------------------------
 BACKUP_ROOT ?= backups
 backup: $(STAMP) ## Back up the compose stack (both databases, the whole bucket) into backups/<UTC time>/

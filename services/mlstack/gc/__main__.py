@@ -1,0 +1,3 @@
+from mlstack.gc.cli import main
+
+raise SystemExit(main())
