@@ -161,6 +161,8 @@ def installed_versions() -> dict[str, str]:
 
 def _uv(*args: str) -> None:
     uv = Path(sys.executable).parent / "uv"
+    if not uv.exists():
+        raise LockError(f"{uv} is missing: uv comes with requirements-dev.lock (make venv)")
     command = [str(uv), "pip", "compile", "--quiet", "--native-tls", "--python-version", PYTHON_VERSION,
                "--python-platform", PLATFORM, "--custom-compile-command", "make lock", *args]
     subprocess.run(command, cwd=REPO, check=True)
