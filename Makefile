@@ -19,6 +19,8 @@ ENV_FILE ?= .env
 COMPOSE_FILES := -f docker-compose.yml $(if $(filter seaweedfs,$(S3)),-f infra/compose.seaweedfs.yml) \
 	$(if $(GPU),-f infra/compose.gpu.yml)
 COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
+# One-shot containers (`compose run --rm`, whose exit status podman loses): infra/compose-run.sh says why.
+COMPOSE_RUN := infra/compose-run.sh $(COMPOSE) run
 # The commit the trainer image is built from (it has no .git of its own).
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
@@ -53,7 +55,7 @@ lock: $(STAMP) ## Derive every lock file from the requirements files (uv), keepi
 up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Docker Compose
 	@infra/check-env.sh $(ENV_FILE)
 	$(COMPOSE) up -d --build --wait postgres s3 mlflow
-	$(COMPOSE) run --rm users-init
+	$(COMPOSE_RUN) users-init
 	@source $(ENV_FILE); echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
 
 trainer-image: ## Build the trainer image (docker compose run trainer ...) with the commit it is built from
@@ -91,7 +93,7 @@ user: $(STAMP) ## Create a person's account NAME=alice on the native stack; prin
 
 compose-user: ## The same on the compose stack: make compose-user NAME=alice
 	@test -n "$(NAME)" || { echo "usage: make compose-user NAME=<username>" >&2; exit 2; }
-	$(COMPOSE) run --rm users-init --add "$(NAME)" $(ARGS)
+	$(COMPOSE_RUN) users-init --add "$(NAME)" $(ARGS)
 
 # --- Garbage collection ---------------------------------------------------------------------
 # OLDER_THAN empty: mlstack.gc's own default (30d). DRY_RUN=1 lists what would go, changes nothing.
@@ -101,7 +103,7 @@ GC_ARGS = $(if $(OLDER_THAN),--older-than $(OLDER_THAN)) $(if $(filter 1 yes tru
 .PHONY: gc stack-gc
 
 gc: ## Compose stack: remove runs/models/experiments deleted > OLDER_THAN (30d) ago and orphaned objects; DRY_RUN=1 lists only
-	$(COMPOSE) run --rm --no-deps --entrypoint python mlflow -m mlstack.gc $(GC_ARGS)
+	$(COMPOSE_RUN) --no-deps --entrypoint python mlflow -m mlstack.gc $(GC_ARGS)
 
 stack-gc: $(STAMP) ## The same on the native stack (OLDER_THAN=..., DRY_RUN=1)
 	$(BIN)/python -m mlstack.gc --state-dir $(STACK_STATE_DIR) $(GC_ARGS)

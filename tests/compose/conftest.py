@@ -64,7 +64,15 @@ class ComposeProject:
                               stdin=subprocess.DEVNULL)
 
     def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "--env-file", str(self.env_file)]
+        return self._compose([], args, timeout, check)
+
+    def run_once(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
+        """`compose ARGS` holding a `run` of a one-shot container, through infra/compose-run.sh as the
+        Makefile runs them: the exit status is the container's (podman's `run --rm` reports 0)."""
+        return self._compose([str(REPO / "infra" / "compose-run.sh")], args, timeout, check)
+
+    def _compose(self, prefix: list[str], args, timeout: float, check: bool) -> subprocess.CompletedProcess:
+        cmd = [*prefix, "docker", "compose", "--env-file", str(self.env_file)]
         for f in COMPOSE_FILES:
             cmd += ["-f", f]
         proc = subprocess.run([*cmd, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,

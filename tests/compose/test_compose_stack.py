@@ -21,6 +21,8 @@ import requests
 
 from conftest import FIGURES, REPO, ComposeProject, log
 
+from mltrainer.errors import EXIT_RESUME
+
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 ARTIFACT_BYTES = 20 * 1000 * 1000
@@ -224,11 +226,11 @@ def test_only_the_s3_api_answers_inside_the_network(stack):
 
 
 def _trainer(stack, *args: str, detach_name: str | None = None, timeout: float = TRAIN_TIMEOUT):
-    run_args = ["--profile", "trainer", "run", "--rm"]
+    trainer_args = ("trainer", "--config", "configs/tiny.yaml", "--set", "experiment.name=compose-trainer", *args)
     if detach_name:
-        run_args = ["--profile", "trainer", "run", "-d", "--name", detach_name]
-    return stack.compose(*run_args, "trainer", "--config", "configs/tiny.yaml",
-                         "--set", "experiment.name=compose-trainer", *args, timeout=timeout, check=False)
+        return stack.compose("--profile", "trainer", "run", "-d", "--name", detach_name, *trainer_args,
+                             timeout=timeout, check=False)
+    return stack.run_once("--profile", "trainer", "run", *trainer_args, timeout=timeout, check=False)
 
 
 def _client_api():
@@ -295,6 +297,17 @@ def test_trainer_container_trains_on_cpu(stack, as_teammate):
     assert [r.step for r in _stored(as_teammate, run_id) if r.state == "complete"] == steps
 
 
+def test_a_failing_trainer_container_exits_with_its_error_code(stack):
+    # podman's Docker API reports 0 for `compose run --rm` whatever the container exited with; the
+    # Makefile's one-shot jobs and these tests run through infra/compose-run.sh so a failure shows.
+    proc = _trainer(stack, "--resume", "0" * 32)
+    assert proc.returncode == EXIT_RESUME, (proc.stdout + proc.stderr)[-3000:]
+    assert "resume error" in proc.stderr and "0" * 32 in proc.stderr, proc.stderr[-3000:]
+    left = [c["Name"] for c in stack.containers(all_=True)
+            if c["Config"]["Labels"].get("com.docker.compose.service") == "trainer"]
+    assert not left, f"the one-shot trainer container is removed: {left}"
+
+
 def test_trainer_resumes_a_killed_run_in_a_second_container(stack, as_teammate):
     name = f"{stack.name}-victim"
     # Slow enough to be stopped between its first stored checkpoint and its end; a short lease so
@@ -315,8 +328,11 @@ def test_trainer_resumes_a_killed_run_in_a_second_container(stack, as_teammate):
                 break
             time.sleep(1)
     finally:
-        stack.engine.cli("kill", name, check=False)
+        killed_proc = stack.engine.cli("kill", name, check=False)
+        victim_log = stack.engine.cli("logs", name, check=False)
         stack.engine.cli("rm", "-f", name, check=False)
+    victim_said = f"kill: {killed_proc.returncode} {killed_proc.stderr[-500:]}\nvictim's log:\n{victim_log.stdout[-3000:]}{victim_log.stderr[-3000:]}"
+    assert killed_proc.returncode == 0, victim_said
     assert run_id, "the detached trainer stored no checkpoint"
     killed = as_teammate.get_run(run_id)
     assert killed.info.status == "RUNNING"
@@ -325,9 +341,10 @@ def test_trainer_resumes_a_killed_run_in_a_second_container(stack, as_teammate):
     time.sleep(6)  # the killed trainer's 5 s lease runs out
     proc = _trainer(stack, "--resume", run_id, "--set", "training.max_steps=400", "--set", "training.save_steps=40",
                     "--set", "training.eval_steps=40", "--set", "tracking.lease_seconds=5")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    resume_said = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, resume_said
     resumed = as_teammate.get_run(run_id)
-    assert resumed.info.status == "FINISHED"
+    assert resumed.info.status == "FINISHED", f"{resume_said}\n{victim_said}"
     steps = [m.step for m in as_teammate.get_metric_history(run_id, "loss")]
     assert max(steps) >= 400 - 10 and len(steps) == len(set(steps)), "steps continue, none logged twice"
     assert max(r.step for r in _stored(as_teammate, run_id) if r.state == "complete") == 400
