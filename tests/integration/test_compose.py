@@ -200,10 +200,10 @@ def test_trainer_is_opt_in_runs_on_cpu_and_gets_the_gpu_by_one_switch(config, en
 
 def test_make_up_waits_only_on_what_stays_up(config):
     """`up --wait` fails on a one-shot service that exits, unless a service it waits on adopts it
-    (depends_on: service_completed_successfully); other one-shots run with `run --rm` after."""
+    (depends_on: service_completed_successfully); other one-shots run with $(COMPOSE_RUN) after."""
     recipe = re.search(r"^up:.*?\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M).group(1)
     waited = re.search(r"up -d --build --wait ([\w -]+)", recipe).group(1).split()
-    run_after = re.findall(r"run --rm ([\w-]+)", recipe)
+    run_after = re.findall(r"\$\(COMPOSE_RUN\) ([\w-]+)", recipe)
     services = config["services"]
     default = {name for name, svc in services.items() if not svc.get("profiles")}
     one_shots = {name for name in default if services[name].get("restart", "no") == "no"}
