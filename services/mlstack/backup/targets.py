@@ -64,12 +64,10 @@ class Target(Protocol):
 def _run_tool(argv: list[str], env: dict[str, str] | None, what: str, stdin=None, stdout=None,
               input_text: str | None = None) -> str:
     """Run a client tool; its stdout goes to ``stdout`` (a file) when given, else is returned."""
-    if input_text is not None:
-        stdin_arg, data = subprocess.PIPE, input_text.encode()
-    else:
-        stdin_arg, data = (stdin if stdin is not None else subprocess.DEVNULL), None
-    proc = subprocess.run(argv, env=env, stdin=stdin_arg, input=data,
-                          stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+    feed = {"input": input_text.encode()} if input_text is not None else {
+        "stdin": stdin if stdin is not None else subprocess.DEVNULL}
+    proc = subprocess.run(argv, env=env, stdout=stdout if stdout is not None else subprocess.PIPE,
+                          stderr=subprocess.PIPE, **feed)
     if proc.returncode != 0:
         raise BackupError(f"{what} failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-2000:]}")
     return "" if stdout is not None else proc.stdout.decode()
@@ -131,13 +129,15 @@ class ComposeTarget:
 
     kind = "compose"
 
-    def __init__(self, compose_command: str, env_file: Path | None):
+    def __init__(self, compose_command: str, env_file: Path | None, process_env: dict[str, str] | None = None):
         from mlstack.native.stack import read_env_file
 
         self.compose = shlex.split(compose_command)
+        # The environment compose runs in (its project name, the engine's socket); default: ours.
+        self.process_env = process_env
         # Compose's own precedence: the process environment over the env file.
         values = read_env_file(env_file) if env_file and env_file.exists() else {}
-        values.update({k: v for k, v in os.environ.items() if k in {v.name for v in s.ALL_VARS} and v})
+        values.update({k: v for k, v in (process_env or os.environ).items() if k in {v.name for v in s.ALL_VARS} and v})
         self.values = values
         self.databases = Databases(s.POSTGRES_DB.get(values), s.MLFLOW_AUTH_DB.get(values), s.POSTGRES_USER.get(values))
         self.bucket = s.S3_BUCKET.get(values)
@@ -146,7 +146,7 @@ class ComposeTarget:
                                                     s.MLFLOW_TRAINER_PASSWORD.get(values))
 
     def _compose(self, *args: str, what: str, **kwargs) -> str:
-        return _run_tool([*self.compose, *args], None, what, **kwargs)
+        return _run_tool([*self.compose, *args], self.process_env, what, **kwargs)
 
     def pg(self, tool, *args, stdin=None, stdout=None, input_text=None) -> str:
         return self._compose("exec", "-T", "postgres", tool, "-U", self.databases.user, *args, what=tool,
