@@ -50,6 +50,8 @@ from typing import Callable
 
 from cachetools import TTLCache
 
+from mlstack.patches.self_check import Patch
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -285,6 +287,41 @@ def install_login_limiter(app, limits: Limits = Limits()) -> LoginLimiter:
             limiter.verified(attempt, ok=user is not None)
         return user
 
+    authenticate_cached._login_limiter = True
     auth._authenticate_cached = authenticate_cached
     app.add_middleware(LoginLimitMiddleware, limiter=limiter, is_unprotected=auth.is_unprotected_route)
     return limiter
+
+
+# MLflow's functions that verify a basic-auth password, each through _authenticate_cached.
+MLFLOW_AUTHENTICATORS = ("authenticate_request_basic_auth", "_authenticate_fastapi_request")
+
+
+def check_login_limiter(app) -> str | None:
+    """The limiter is in front of the app, and it hears every verdict: MLflow's authenticators
+    still verify through the ``_authenticate_cached`` it wraps (else it would never learn of a
+    failure and never limit anything)."""
+    from mlflow.server import auth
+
+    from mlstack.patches.app_routes import asks_for
+
+    if LoginLimitMiddleware not in [m.cls for m in app.user_middleware]:
+        return "the login limiter is not among the app's middleware"
+    wrapper = getattr(auth, "_authenticate_cached", None)
+    if not getattr(wrapper, "_login_limiter", False):
+        return "mlflow.server.auth._authenticate_cached is not the limiter's wrapper"
+    for name in MLFLOW_AUTHENTICATORS:
+        function = getattr(auth, name, None)
+        if function is None:
+            return f"mlflow.server.auth has no {name}"
+        if not asks_for(function, "_authenticate_cached", wrapper):
+            return f"mlflow.server.auth.{name} no longer verifies passwords through _authenticate_cached"
+    return None
+
+
+PATCH = Patch(
+    name="login_limiter",
+    without_it="failed logins are not limited: a password guesser can keep the server's CPU busy hashing",
+    install=install_login_limiter,
+    check=check_login_limiter,
+)

@@ -2,33 +2,35 @@
 
 Each patch of MLflow's internals lives in its own module under ``mlstack.patches``, saying what
 MLflow does without it; the server's own hooks (login limits, request limits, the user admin
-guard) are modules of ``mlstack``. This module only composes them, in the order they need.
+guard) are modules of ``mlstack``. Each is a ``Patch`` whose check looks at its effect; this
+module installs them in the order they need, then refuses to serve unless every one took hold
+(``mlstack.patches.self_check``).
 """
 
 from __future__ import annotations
 
-import os
-
 
 def create_app():
+    from fastapi import FastAPI
     from mlflow.server.auth import create_app as create_auth_app
 
-    from mlstack.login_limiter import install_login_limiter
-    from mlstack.patches.light_run_lookup import install_light_run_lookup
-    from mlstack.patches.presigned_transfers import install_presigned_transfers
-    from mlstack.patches.streaming_download import install_streaming_download
-    from mlstack.patches.streaming_upload import install_streaming_upload
-    from mlstack.request_limits import limit_requests
-    from mlstack.user_admin_guard import install_user_directory_guard
+    from mlstack import login_limiter, request_limits, user_admin_guard
+    from mlstack.patches import light_run_lookup, presigned_transfers, streaming_download, streaming_upload
+    from mlstack.patches.self_check import Patching, versions
 
+    patching = Patching()
     # Patches of MLflow's modules and classes: before the auth app is built from them.
-    install_streaming_upload()
-    install_presigned_transfers(os.environ.get("S3_PUBLIC_ENDPOINT_URL", ""))
-    install_light_run_lookup()
-    install_user_directory_guard()
+    for patch in (streaming_upload.PATCH, presigned_transfers.PATCH, light_run_lookup.PATCH, user_admin_guard.PATCH):
+        patching.install(patch)
     app = create_auth_app()
-    # Changes to the built app.
-    install_login_limiter(app)
-    install_streaming_download(app)
-    limit_requests(app)  # last added runs first: sizes and paths are checked before anything else
+    if not isinstance(app, FastAPI):
+        # mlstack.mlflow_server asks for it (_MLFLOW_SGI_NAME=uvicorn); every hook below and
+        # MLflow's own Host-header and CORS checks are parts of the FastAPI app.
+        raise RuntimeError(f"MLflow's auth app is a {type(app).__name__}, not its FastAPI app, on {versions()}: "
+                           "review mlstack.mlflow_server")
+    # Changes to the built app. Middleware added last runs first: sizes and paths are checked
+    # before anything else, then failed logins are limited, then MLflow's auth runs.
+    for patch in (login_limiter.PATCH, streaming_download.PATCH, request_limits.PATCH):
+        patching.install(patch, app)
+    patching.require_in_effect(app)
     return app

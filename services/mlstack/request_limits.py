@@ -28,6 +28,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 from mlflow.utils import validation as mlflow_limits
 
+from mlstack.patches.self_check import Patch
+
 KiB, MiB = 1024, 1024 * 1024
 
 # -- body bounds --------------------------------------------------------------------------------------
@@ -244,3 +246,24 @@ async def _refuse(send, status: int, message: str) -> None:
 def limit_requests(app) -> None:
     """Put the checks in front of everything else the app does (auth included)."""
     app.add_middleware(RequestLimits)
+
+
+def check_request_limits(app) -> str | None:
+    """The checks are the outermost middleware, and MLflow's upload routes are the ones exempt
+    from body bounds (uploads moved elsewhere would be refused at the first bound)."""
+    from mlstack.patches.app_routes import ARTIFACT_ROUTES, endpoints
+
+    if not app.user_middleware or app.user_middleware[0].cls is not RequestLimits:
+        return "the request checks are not the app's outermost middleware"
+    for path in ARTIFACT_ROUTES:
+        if endpoints(app, "PUT", path) and body_bound("PUT", path.replace("{artifact_path:path}", "1/r/artifacts/f")) is not None:
+            return f"uploads to PUT {path} would be held to a body bound"
+    return None
+
+
+PATCH = Patch(
+    name="request_limits",
+    without_it="oversized bodies, NUL characters and malformed artifact paths reach MLflow (500s, unbounded memory)",
+    install=limit_requests,
+    check=check_request_limits,
+)

@@ -101,6 +101,14 @@ MLFLOW_TRUSTED_PROXIES = Var(
     "empty: none, so no client can claim another address to the login limiter",
     "",
 )
+# Patches of MLflow's internals (mlstack.patches) each check at server start that they took hold;
+# one that did not stops the server, unless named here. Running without one brings back what it
+# fixes (mlstack.patches.self_check), so this is for an operator who has read why.
+MLSTACK_ALLOW_UNPATCHED = Var(
+    "MLSTACK_ALLOW_UNPATCHED",
+    "patches of MLflow (comma-separated names) the server may run without when they do not take hold",
+    "",
+)
 MLFLOW_TRAINER_USER = Var("MLFLOW_TRAINER_USER", "non-admin account trainers log with", "trainer")
 MLFLOW_TRAINER_PASSWORD = Var("MLFLOW_TRAINER_PASSWORD", "password of the trainer account", secret=True)
 MLFLOW_PUBLIC_URL = Var(
@@ -146,7 +154,7 @@ SERVICE_VARS: dict[str, tuple[Var, ...]] = {
         S3_ENDPOINT_URL, S3_PUBLIC_ENDPOINT_URL, S3_BUCKET, S3_CREDENTIALS_FILE,
         MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS, MLFLOW_ALLOWED_HOSTS, MLFLOW_CORS_ALLOWED_ORIGINS,
         MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY,
-        MLFLOW_DEFAULT_PERMISSION, MLFLOW_TRUSTED_PROXIES,
+        MLFLOW_DEFAULT_PERMISSION, MLFLOW_TRUSTED_PROXIES, MLSTACK_ALLOW_UNPATCHED,
     ),
     "storage-init": (S3_BACKEND, S3_ENDPOINT_URL, S3_BUCKET, S3_ROOT_USER, S3_ROOT_PASSWORD, S3_CREDENTIALS_FILE),
     "users-init": (

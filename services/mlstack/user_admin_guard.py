@@ -15,6 +15,8 @@ lets admins through before any validator runs; a validator that says no makes a 
 
 from __future__ import annotations
 
+from mlstack.patches.self_check import Patch
+
 ADMIN_ONLY_ROUTES = ("LIST_USERS", "AJAX_LIST_USERS")  # names in mlflow.server.auth.routes
 
 
@@ -27,8 +29,27 @@ def install_user_directory_guard() -> None:
     from mlflow.server.auth import routes
 
     for name in ADMIN_ONLY_ROUTES:
-        key = (getattr(routes, name), "GET")
-        if key not in auth.BEFORE_REQUEST_VALIDATORS:
-            # A newer MLflow moved the route: fail at start rather than leave it open.
-            raise RuntimeError(f"MLflow's auth app no longer checks {name} {key[0]}: review mlstack.user_admin_guard")
-        auth.BEFORE_REQUEST_VALIDATORS[key] = _admins_only
+        key = (getattr(routes, name, None), "GET")
+        if key in auth.BEFORE_REQUEST_VALIDATORS:  # else: a newer MLflow moved it; the check says so
+            auth.BEFORE_REQUEST_VALIDATORS[key] = _admins_only
+
+
+def check_user_directory_guard(app) -> str | None:
+    from mlflow.server import auth
+    from mlflow.server.auth import routes
+
+    for name in ADMIN_ONLY_ROUTES:
+        route = getattr(routes, name, None)
+        if route is None:
+            return f"mlflow.server.auth.routes has no {name}"
+        if auth.BEFORE_REQUEST_VALIDATORS.get((route, "GET")) is not _admins_only:
+            return f"MLflow's auth app does not check GET {route} with the admin-only validator"
+    return None
+
+
+PATCH = Patch(
+    name="user_admin_guard",
+    without_it="any authenticated user can list every account name and admin flag",
+    install=install_user_directory_guard,
+    check=check_user_directory_guard,
+)

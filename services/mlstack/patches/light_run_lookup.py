@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from mlstack.patches.self_check import Patch
+
 
 def install_light_run_lookup() -> None:
     """Let the auth checks look up a run's experiment with one narrow query.
@@ -31,6 +33,32 @@ def install_light_run_lookup() -> None:
 
     tracking_store._light_run_lookup = True
     auth._get_tracking_store = tracking_store
+
+
+def check_light_run_lookup(app) -> str | None:
+    """The auth module's store is ours, and the store still has the run query the view calls
+    (a changed signature would make every auth check of a run write fail, not just slow down)."""
+    import inspect
+
+    from mlflow.server import auth
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    if not getattr(getattr(auth, "_get_tracking_store", None), "_light_run_lookup", False):
+        return "mlflow.server.auth._get_tracking_store is not the light run lookup"
+    wanted = {"session", "run_uuid", "eager"}
+    have = set(inspect.signature(SqlAlchemyStore._get_run).parameters) if hasattr(SqlAlchemyStore, "_get_run") else set()
+    if missing := wanted - have:
+        return f"SqlAlchemyStore._get_run has no parameter {', '.join(sorted(missing))}"
+    return None
+
+
+PATCH = Patch(
+    name="light_run_lookup",
+    without_it="each auth check of a run write (log_batch, set_tag, ...) loads the whole run, every param, "
+               "tag and latest metric, to read its experiment id",
+    install=install_light_run_lookup,
+    check=check_light_run_lookup,
+)
 
 
 class _RunExperimentView:

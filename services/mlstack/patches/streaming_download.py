@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import posixpath
 
-logger = logging.getLogger(__name__)
-
-DOWNLOAD_ROUTE_SUFFIX = "/mlflow-artifacts/artifacts/{artifact_path:path}"
+from mlstack.patches.app_routes import ARTIFACT_ROUTES, endpoints, qualname, routes_of
+from mlstack.patches.self_check import Patch
 
 
 def install_streaming_download(app) -> int:
-    """Replace the endpoint of MLflow's GET artifact routes; returns how many were replaced."""
+    """Replace the endpoint of MLflow's GET artifact routes; returns how many were replaced.
+    Whether that was all of them is ``check_streaming_download``'s to say."""
     from fastapi.routing import APIRoute
 
     replaced = 0
-    for router, i, route in _routes_of(app.router):
-        if isinstance(route, APIRoute) and route.path.endswith(DOWNLOAD_ROUTE_SUFFIX) and route.methods == {"GET"}:
+    for router, i, route in routes_of(app.router):
+        if isinstance(route, APIRoute) and route.path in ARTIFACT_ROUTES and route.methods == {"GET"}:
             if getattr(route.endpoint, "_streams", False):
                 replaced += 1  # already ours (create_app called twice in one process)
                 continue
@@ -36,25 +35,26 @@ def install_streaming_download(app) -> int:
                                         name=route.name)
             getattr(router, "_mark_routes_changed", lambda: None)()  # FastAPI caches an included router's routes
             replaced += 1
-    if not replaced:
-        logger.warning("MLflow's artifact download route was not found: downloads use MLflow's temp-file path")
     return replaced
 
 
-def _routes_of(router):
-    """(router, index, route) of every route, those of included routers too.
+def check_streaming_download(app) -> str | None:
+    """Every GET artifact route of the app is served by our endpoint."""
+    for path in ARTIFACT_ROUTES:
+        found = endpoints(app, "GET", path)
+        if not found:
+            return f"no GET route {path} found in MLflow's app"
+        if theirs := [f for f in found if not getattr(f, "_streams", False)]:
+            return f"GET {path} is still served by {qualname(theirs[0])}"
+    return None
 
-    FastAPI 0.13x+ keeps an included router whole (an ``_IncludedRouter`` holding
-    ``original_router``) instead of copying its routes into the app's list, which is where
-    MLflow's artifact routes live; a search of the app's own list found nothing, and downloads
-    silently went through MLflow's temporary file.
-    """
-    for i, route in enumerate(router.routes):
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            yield from _routes_of(included)
-        else:
-            yield router, i, route
+
+PATCH = Patch(
+    name="streaming_download",
+    without_it="every artifact download is first copied whole from S3 to a temporary file on the server",
+    install=install_streaming_download,
+    check=check_streaming_download,
+)
 
 
 def _streaming_download(original):

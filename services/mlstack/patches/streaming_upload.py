@@ -12,6 +12,9 @@ import asyncio
 import logging
 import posixpath
 
+from mlstack.patches.app_routes import ARTIFACT_ROUTES, asks_for, endpoints, qualname
+from mlstack.patches.self_check import Patch
+
 logger = logging.getLogger(__name__)
 
 PART_SIZE = 8 * 1024 * 1024  # multipart part size of streamed uploads (S3 minimum: 5 MiB)
@@ -28,6 +31,31 @@ def install_streaming_upload() -> None:
     S3ArtifactRepository.log_artifact_from_async_stream = _log_artifact_from_async_stream
     S3ArtifactRepository.log_artifact_from_stream = _log_artifact_from_stream
     StreamUploadMixin.register(S3ArtifactRepository)
+
+
+def check_streaming_upload(app) -> str | None:
+    """MLflow's S3 repository has the hook, and every PUT artifact route still asks for it: an
+    upload route that stopped asking would write each body to a temporary file again."""
+    from mlflow.store.artifact.artifact_repo import StreamUploadMixin
+    from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
+
+    if not issubclass(S3ArtifactRepository, StreamUploadMixin):
+        return "MLflow's S3ArtifactRepository does not implement StreamUploadMixin"
+    for path in ARTIFACT_ROUTES:
+        found = endpoints(app, "PUT", path)
+        if not found:
+            return f"no PUT route {path} found in MLflow's app"
+        if deaf := [f for f in found if not asks_for(f, "StreamUploadMixin", StreamUploadMixin)]:
+            return f"PUT {path} ({qualname(deaf[0])}) no longer asks whether the repository is a StreamUploadMixin"
+    return None
+
+
+PATCH = Patch(
+    name="streaming_upload",
+    without_it="every artifact upload is first written whole to a temporary file on the server, then sent to S3",
+    install=install_streaming_upload,
+    check=check_streaming_upload,
+)
 
 
 def _target(repo, artifact_file_name: str, artifact_path: str | None) -> tuple[str, str, dict]:
