@@ -10,7 +10,7 @@ from mlflow.exceptions import _UnsupportedMultipartUploadException
 from mlflow.server import handlers
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
 
-from mlstack.patches.presigned_transfers import install_presigned_transfers
+from mlstack.patches.presigned_transfers import check_presigned_transfers, install_presigned_transfers
 
 
 @pytest.fixture
@@ -47,3 +47,11 @@ def test_no_public_endpoint_means_no_presigned_transfers(restore, value):
         handlers._validate_support_multipart_upload(repo)
     assert urlsplit(repo._get_s3_client().generate_presigned_url(
         "get_object", Params={"Bucket": "mlflow", "Key": "k"})).netloc == "s3:9000"
+
+
+@pytest.mark.parametrize("value", ["http://files.example.org:9000", "", "off"])
+def test_the_self_check_sees_whether_the_patch_took_hold(restore, value):
+    """What the server checks at start (mlstack.patches.self_check): the effect, on or off."""
+    assert check_presigned_transfers(value) is not None  # MLflow as it comes: not what was asked for
+    install_presigned_transfers(value)
+    assert check_presigned_transfers(value) is None
