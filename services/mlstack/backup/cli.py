@@ -32,8 +32,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from mlstack.backup.restore import restore
 
     started = time.monotonic()
-    restore(Path(args.backup), _target(args))
-    print(f"restored {args.backup} in {time.monotonic() - started:.1f}s")
+    steps = restore(Path(args.backup), _target(args))
+    print(f"restored {args.backup} in {time.monotonic() - started:.1f}s "
+          f"({', '.join(f'{step} {seconds:.1f}s' for step, seconds in steps.items())})")
     return 0
 
 

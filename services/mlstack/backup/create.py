@@ -29,9 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlstack.backup import bucket, checkpoints, layout, postgres
-from mlstack.backup.targets import Target
-
-REPO = Path(__file__).resolve().parents[3]
+from mlstack.backup.targets import REPO, Target
 
 
 def create(target: Target, root: Path, say=print) -> Path:

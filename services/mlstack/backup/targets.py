@@ -22,6 +22,12 @@ import boto3
 from mlstack import settings as s
 
 
+# The repository this package runs from (an editable install): the compose files and scripts are there.
+REPO = Path(__file__).resolve().parents[3]
+# `compose run` whose exit status holds on podman too (the script says why).
+COMPOSE_RUN = REPO / "infra" / "compose-run.sh"
+
+
 class BackupError(RuntimeError):
     """A backup or restore cannot go on; the message says what is wrong and what to do."""
 
@@ -148,6 +154,10 @@ class ComposeTarget:
     def _compose(self, *args: str, what: str, **kwargs) -> str:
         return _run_tool([*self.compose, *args], self.process_env, what, **kwargs)
 
+    def _one_shot(self, *args: str, what: str) -> str:
+        """A one-shot container (``compose run --rm``) through COMPOSE_RUN."""
+        return _run_tool([str(COMPOSE_RUN), *self.compose, "run", "--rm", *args], self.process_env, what)
+
     def pg(self, tool, *args, stdin=None, stdout=None, input_text=None) -> str:
         return self._compose("exec", "-T", "postgres", tool, "-U", self.databases.user, *args, what=tool,
                              stdin=stdin, stdout=stdout, input_text=input_text)
@@ -163,8 +173,8 @@ class ComposeTarget:
 
     def mlflow_version(self) -> str:
         code = "import importlib.metadata as m; print(m.version('mlflow'))"
-        return self._compose("run", "--rm", "--no-deps", "--entrypoint", "python", "mlflow", "-c", code,
-                             what="reading the MLflow version of the services image").strip().splitlines()[-1]
+        return self._one_shot("--no-deps", "-T", "--entrypoint", "python", "mlflow", "-c", code,
+                              what="reading the MLflow version of the services image").strip().splitlines()[-1]
 
     def check_running(self) -> None:
         running = self._compose("ps", "--services", "--status", "running", what="docker compose ps").split()
@@ -177,4 +187,4 @@ class ComposeTarget:
 
     def start_server(self) -> None:
         self._compose("up", "-d", "--wait", "mlflow", what="docker compose up mlflow")
-        self._compose("run", "--rm", "users-init", what="docker compose run users-init")
+        self._one_shot("users-init", what="docker compose run users-init")
