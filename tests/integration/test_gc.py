@@ -194,7 +194,6 @@ def test_deleted_run_and_its_model_go_a_live_run_stays(gc_stack, client):
     client.delete_run(deleted)
     out = gc_stack.gc("--older-than", "0s").stdout
 
-    assert f"run {deleted}" in out and f"logged model {model.model_id}" in out, out
     assert gc_stack.digests(deleted_prefix) == {}
     assert gc_stack.digests(model_prefix) == {}
     assert gc_stack.run_rows(deleted) == dict.fromkeys(("runs", "tags", "params", "metrics", "latest_metrics"), 0)
@@ -202,6 +201,7 @@ def test_deleted_run_and_its_model_go_a_live_run_stays(gc_stack, client):
     assert gc_stack.digests(prefix_of(client, live)) == live_before
     assert live_upload in gc_stack.uploads()
     assert gc_stack.run_rows(live)["runs"] == 1
+    assert f"run {deleted}" in out and f"logged model {model.model_id}" in out, out
 
 
 def test_dry_run_changes_nothing(gc_stack, client):
@@ -245,24 +245,27 @@ def test_orphans_and_evicted_leftovers_go_owned_objects_stay(gc_stack, client):
         f"{step3}/model.bin": b"3" * 400, "params.json": b"{}",
     })
     done_prefix = prefix_of(client, done)
-    # The same shapes in a run whose trainer holds its lease, and in a RUNNING run that is no
-    # trainer's (no lease): gc cannot tell that their uploads are over, so it leaves them.
+    # The same shape in a run whose trainer holds its lease, and in runs that are no trainer's
+    # (no lease), RUNNING or finished: gc cannot tell their uploads are over, or that
+    # checkpoints/ follows the trainer's layout, so it leaves them.
     live = new_run(client, exp, lease_tag=lease(held=True), finished=False)
-    foreign = new_run(client, exp, lease_tag=None, finished=False)
-    for run_id in (live, foreign):
+    foreign_running = new_run(client, exp, lease_tag=None, finished=False)
+    foreign_finished = new_run(client, exp, lease_tag=None, finished=True)
+    kept_runs = (live, foreign_running, foreign_finished)
+    for run_id in kept_runs:
         log_files(client, run_id, {f"{step3}/model.bin": b"3" * 400})
-    kept_runs = {run_id: gc_stack.digests(prefix_of(client, run_id)) for run_id in (live, foreign)}
+    kept_before = {run_id: gc_stack.digests(prefix_of(client, run_id)) for run_id in kept_runs}
 
     out = gc_stack.gc("--older-than", "0s").stdout
 
-    assert f"orphaned objects run {gone_run}" in out and f"checkpoint leftovers {done}" in out, out
     remaining = gc_stack.digests()
     assert not orphans & remaining.keys()
     assert orphan_upload not in gc_stack.uploads()
     assert {k[len(done_prefix):] for k in gc_stack.digests(done_prefix)} == {
         f"{step0}/tokenizer.json", f"{step1}/model.bin", f"{step1}/{MANIFEST_NAME}", "params.json"}
-    for run_id, before in kept_runs.items():
-        assert gc_stack.digests(prefix_of(client, run_id)) == before
+    for run_id, before in kept_before.items():
+        assert gc_stack.digests(prefix_of(client, run_id)) == before, run_id
+    assert f"orphaned objects run {gone_run}" in out and f"checkpoint leftovers {done}" in out, out
 
 
 def test_age_threshold(gc_stack, client):
