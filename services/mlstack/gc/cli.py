@@ -30,9 +30,10 @@ def human(size: int) -> str:
 
 
 def describe(r: gc_plan.Removal) -> str:
-    parts = [f"{len(r.objects)} object(s), {human(r.size)}"]
+    parts = [f"{len(r.objects)} object(s)"] if r.objects or not r.uploads else []
     if r.uploads:
         parts.append(f"{len(r.uploads)} pending upload(s)")
+    parts[-1] += f", {human(r.size)}"
     if r.row:
         parts.append("and its database rows")
     return f"{r.kind} {r.ident} ({r.reason}): {', '.join(parts)}"
