@@ -124,6 +124,26 @@ stack-restore: $(STAMP) ## Restore BACKUP=backups/<time> onto an empty native st
 	@test -n "$(BACKUP)" || { echo "usage: make stack-restore BACKUP=backups/<UTC time>" >&2; exit 2; }
 	$(BIN)/python -m mlstack.backup restore "$(BACKUP)" --state-dir $(STACK_STATE_DIR)
 
+# --- Upgrading MLflow (README: Upgrading MLflow) ---------------------------------------------
+# First change the pin (services/requirements.txt) and `make lock`. Each target then: checks the new
+# MLflow (databases not from a newer one, every server patch takes hold) with the old server still
+# serving, stops the server, backs up, migrates both databases, starts the new version.
+UPGRADE = --entrypoint python mlflow -m mlstack.upgrade
+.PHONY: upgrade stack-upgrade
+
+upgrade: $(STAMP) ## Compose: build the pinned MLflow, check it, stop the server, back up, migrate, start it
+	@infra/check-env.sh $(ENV_FILE)
+	$(COMPOSE) build mlflow
+	$(COMPOSE) up -d --wait postgres s3
+	$(COMPOSE_RUN) --no-deps -T $(UPGRADE) check
+	$(COMPOSE) stop mlflow
+	@$(MAKE) --no-print-directory backup
+	$(COMPOSE_RUN) --no-deps -T $(UPGRADE) migrate
+	$(COMPOSE) up -d --wait mlflow
+
+stack-upgrade: $(STAMP) ## Native stack: the same with the MLflow .venv now has (make venv installs the new pin)
+	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) upgrade --into $(BACKUP_ROOT)
+
 # --- Tests ----------------------------------------------------------------------------------
 test: $(STAMP) compose-config ## Create the venv if needed, validate compose, run the unit and integration tests
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)

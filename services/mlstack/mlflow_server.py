@@ -1,6 +1,7 @@
 """Entrypoint of the MLflow tracking server (compose image and native launcher alike).
 
-Steps: wait for PostgreSQL, create the auth database if needed, ``mlflow db upgrade``, read the
+Steps: wait for PostgreSQL, create the auth database if needed, check both schemas (created
+when empty, never migrated here: ``mlstack.upgrade`` does that after a backup), read the
 bucket-scoped S3 key the storage init job wrote, bootstrap the admin account, then exec gunicorn.
 
 Why not ``mlflow server --gunicorn-opts``: since MLflow 3.5 that switches to the Flask app and
@@ -67,24 +68,33 @@ def ensure_database(env: dict[str, str], name: str) -> None:
         conn.close()
 
 
-def upgrade_schema(uri: str) -> None:
-    """Bring the tracking schema to this MLflow version; a fresh database gets the full schema."""
-    from sqlalchemy import create_engine, inspect
+def prepare_schema(env: dict[str, str]) -> None:
+    """Create the tracking schema in an empty database; refuse to serve one that is not at this
+    MLflow's schema. MLflow's migrations are not transactional, so the server never runs them as a
+    side effect of starting (MLflow itself would migrate the auth database silently): the upgrade
+    procedure does, after a backup (mlstack.upgrade, mlstack.schema_state)."""
+    from mlstack.schema_state import Standing, inspect
 
-    engine = create_engine(uri)
-    try:
-        fresh = not inspect(engine).has_table("alembic_version")
-    finally:
-        engine.dispose()
-    if fresh:
+    uri = s.backend_store_uri(env)
+    states = inspect(uri, s.backend_store_uri(env, s.MLFLOW_AUTH_DB.get(env)))
+    behind = [st for st in states if st.standing is Standing.BEHIND]
+    unknown = [st for st in states if st.standing is Standing.UNKNOWN]
+    if unknown:
+        raise SystemExit("mlflow server: refusing to start: " + "; ".join(st.describe() for st in unknown)
+                         + ". Install the MLflow that wrote it, or restore a backup taken before that upgrade.")
+    if behind:
+        raise SystemExit(
+            "mlflow server: refusing to start: " + "; ".join(st.describe() for st in behind)
+            + ". Migrations are not transactional, so the server does not run them itself: run "
+            "`make upgrade` (compose) or `make stack-upgrade` (native stack), which backs up both "
+            "databases and the bucket, migrates, and starts this version (README, Upgrading MLflow)."
+        )
+    if states[0].standing is Standing.FRESH:
         # `mlflow db upgrade` expects an existing schema; creating the store builds it from scratch.
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         log("initialising the tracking schema")
         SqlAlchemyStore(uri, "mlflow-artifacts:/")
-    else:
-        log("running mlflow db upgrade")
-        subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], check=True)
 
 
 def load_s3_credentials(env: dict[str, str]) -> dict[str, str]:
@@ -184,7 +194,7 @@ def main() -> None:
             var.get(env)  # fail fast, naming the missing variable
         wait_for_database(env)
         ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
-        upgrade_schema(s.backend_store_uri(env))
+        prepare_schema(env)
         runtime_dir = Path(tempfile.mkdtemp(prefix="mlstack-"))  # 0700, private to this server
         server_env = server_environment(env, write_auth_config(env, runtime_dir))
         bootstrap_admin(server_env)

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from mlstack import settings as s
@@ -98,6 +99,17 @@ def cmd_user(args: argparse.Namespace) -> int:
     return subprocess.run(cmd, env=s.service_environment("users-init", env, env)).returncode
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Back up, migrate both databases to the installed MLflow and start it (mlstack.native.upgrade)."""
+    from mlstack.native.upgrade import upgrade
+
+    started = time.monotonic()
+    report = upgrade(_stack(args), Path(args.into))
+    print(f"upgraded to MLflow {version('mlflow')} in {time.monotonic() - started:.1f}s; "
+          f"the way back is the backup {report.backup}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlstack", description="Run the MLflow tracking stack without Docker.")
     parser.add_argument("--state-dir", default=os.environ.get("STACK_STATE_DIR", ".stack"),
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("--reset-password", action="store_true", help="give an existing account a new password")
     user.add_argument("--password-stdin", action="store_true", help="read the password from stdin, don't generate one")
     user.set_defaults(func=cmd_user)
+    upgrade = sub.add_parser("upgrade", help="move the stack's data to the MLflow now installed: check, stop the "
+                             "server, back up, migrate both databases, start it")
+    upgrade.add_argument("--into", default="backups", help="directory the backup is made in (default: backups)")
+    upgrade.set_defaults(func=cmd_upgrade)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -147,22 +147,27 @@ class Stack:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def up(self) -> dict[str, str]:
-        """Start what is not running. Every port is checked first; if a start fails anyway,
-        what this call started is stopped again, so a failed ``up`` leaves things as they were."""
+    def up(self, services: tuple[str, ...] = SERVICES) -> dict[str, str]:
+        """Start what is not running (of ``services``: the upgrade starts the storage alone). Every
+        port is checked first; if a start fails anyway, what this call started is stopped again, so
+        a failed ``up`` leaves things as they were."""
         env = self.environment()
         already = {service for service in SERVICES if self._running(service)}
-        self._check_ports(env, starting=set(SERVICES) - already)
+        starting = set(services) - already
+        self._check_ports(env, starting=starting)
         self._save()
         ports = self.state["ports"]
         try:
-            self._start_postgres(env, ports["db"])
-            self._start_s3(env, ports["s3"])
-            self._run_job("storage-init", env)
-            self._start_mlflow(env, ports["mlflow"])
-            self._run_job("users-init", env)
+            if "postgres" in services:
+                self._start_postgres(env, ports["db"])
+            if "s3" in services:
+                self._start_s3(env, ports["s3"])
+                self._run_job("storage-init", env)
+            if "mlflow" in services:
+                self._start_mlflow(env, ports["mlflow"])
+                self._run_job("users-init", env)
         except BaseException:
-            self.down(only=set(SERVICES) - already)
+            self.down(only=starting)
             raise
         return env
 
