@@ -201,6 +201,8 @@ class TrackingConfig:
     # A trainer renews its lease on the run 4 times per lease; a run whose lease was not renewed
     # for this long counts as abandoned (crashed) and may be resumed by another process (lease.py).
     lease_seconds: int = DEFAULT_LEASE_SECONDS
+    # CPU, memory, disk, network (and GPU) use logged as system/* metrics while training (system_metrics.py).
+    system_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -568,7 +570,7 @@ def _registered_model(data: Any) -> RegisteredModelConfig | None:
 
 
 def _tracking(data: Any) -> TrackingConfig:
-    s = _Section(data, "tracking", ["uri", "metrics_flush_seconds", "lease_seconds"])
+    s = _Section(data, "tracking", ["uri", "metrics_flush_seconds", "lease_seconds", "system_metrics"])
     uri = s.get_str("uri", None)
     if uri is not None and urlsplit(uri).password is not None:
         raise ConfigError(
@@ -579,6 +581,7 @@ def _tracking(data: Any) -> TrackingConfig:
         uri=uri,
         metrics_flush_seconds=s.get_int("metrics_flush_seconds", TrackingConfig.metrics_flush_seconds, minimum=0),
         lease_seconds=s.get_int("lease_seconds", TrackingConfig.lease_seconds, minimum=MIN_LEASE_SECONDS),
+        system_metrics=s.get_bool("system_metrics", TrackingConfig.system_metrics),
     )
 
 

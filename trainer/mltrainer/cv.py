@@ -146,7 +146,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def run_cv(setup: CvSetup) -> CvOutcome:
     from mlflow.entities import Metric, Param
 
-    from mltrainer import plots, tracking
+    from mltrainer import tracking
     from mltrainer.train import train
 
     cfg = setup.cfg
@@ -181,7 +181,6 @@ def run_cv(setup: CvSetup) -> CvOutcome:
                     Param("fold.index", str(i)), Param("fold.count", str(setup.folds)),
                     Param("fold.eval_rows", str(len(parts[i]))),
                     Param("fold.train_rows", str(sum(len(p) for j, p in enumerate(parts) if j != i)))])
-                plots.log_run_plots(client, fcfg, result)
                 missing = [m for m in setup.metrics if m not in result.metrics]
                 if missing:
                     raise ConfigError("--metric", f"fold {i} (run {result.run_id}) did not log {', '.join(missing)}; "

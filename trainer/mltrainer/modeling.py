@@ -20,6 +20,8 @@ class Prepared:
     eval_dataset: Any | None
     data_collator: Any | None
     num_labels: int | None
+    raw_train: Any = None  # the splits before tokenization: what the run logs as its dataset inputs
+    raw_eval: Any | None = None
 
 
 def load_raw_datasets(cfg: TrainConfig):
@@ -101,8 +103,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
+    raw_train, raw_eval = train, evaluation
     remove = train.column_names
     train = train.map(encode, batched=True, remove_columns=remove)
     if evaluation is not None:
         evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names)
-    return Prepared(model, tokenizer, train, evaluation, collator, num_labels)
+    return Prepared(model, tokenizer, train, evaluation, collator, num_labels, raw_train, raw_eval)

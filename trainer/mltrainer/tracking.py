@@ -136,7 +136,16 @@ def create_run(client: MlflowClient, cfg: TrainConfig, run_name: str, *, parent_
 def open_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
              scrubber: Scrubber) -> str:
     """Create a run with its name and tags scrubbed of secrets; every run mltrainer makes starts here
-    (trainings, sweep and cross-validation parents)."""
+    (trainings, sweep and cross-validation parents).
+
+    MLflow's run context comes first, as ``mlflow.start_run`` would add it (``client.create_run``
+    does not): ``mlflow.user``, the MLflow user we authenticate as (MLFLOW_TRACKING_USERNAME, else
+    the OS user), is what the UI shows as "Created by" and what the run's user_id is taken from;
+    also the source file and git details. Our tags win where both name one.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags(tags)
     # Tag values over MLflow's 8000 characters make create_run fail outright (a database error);
     # cut them with the same visible marker as params (the full value is in config/config.yaml).
     tags, cut = truncate_values(scrubber.flat(tags), limit=MLFLOW_MAX_TAG_VALUE)
@@ -227,17 +236,23 @@ def final_model_uri(client: MlflowClient, run_id: str) -> str | None:
     return ready[0].model_uri if ready else None
 
 
-def log_final_model(run_id: str, model, tokenizer, task: str, registered: Any | None) -> str:
-    """Log the trained model as an MLflow model; register it under an alias when configured."""
+def log_final_model(run_id: str, model, tokenizer, task: str, registered: Any | None, step: int) -> str:
+    """Log the trained model as an MLflow model at ``step`` (the last global step), with the run's
+    final metrics linked to it; register it under an alias when configured."""
+    from mltrainer.model_metrics import link_final_metrics
+
     pipeline_task = "text-classification" if task == "sequence-classification" else "text-generation"
-    with mlflow.start_run(run_id=run_id, nested=False):
+    # No second system-metrics monitor (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING): train() runs ours.
+    with mlflow.start_run(run_id=run_id, nested=False, log_system_metrics=False):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
             task=pipeline_task,
+            step=step,
             # Pinned explicitly: inferring them imports optional packages (torchvision) we don't ship.
             pip_requirements=[f"{name}=={version}" for name, version in _model_requirements().items()],
         )
+    link_final_metrics(MlflowClient(), run_id, info.model_id)
     if registered is not None:
         client = MlflowClient()
         version = mlflow.register_model(info.model_uri, registered.name)

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mltrainer import tracking
+from mltrainer import plots, system_metrics, tracking
 from mltrainer.config import TrainConfig
+from mltrainer.data_inputs import log_data_inputs
 from mltrainer.errors import ConfigError
 from mltrainer.naming import run_dir_name
 
@@ -134,7 +135,7 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
     args.output_dir = str(run_dir)
     logger.info("run %s trains in %s%s", run_id, run_dir, f" (resuming from {resume_dir})" if resume_dir else "")
 
-    uploader = None
+    uploader = monitor = None
     try:
         if main:
             if point is None:
@@ -146,6 +147,10 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                 tracking.log_config_artifact(client, run_id, cfg)
             else:
                 client.update_run(run_id, status="RUNNING")
+            # Also on a resume: data changed since the crash shows as a second input.
+            log_data_inputs(client, run_id, cfg, prepared.raw_train, prepared.raw_eval)
+            if cfg.tracking.system_metrics:
+                monitor = system_metrics.start(run_id, client.tracking_uri, resumed=point is not None)
         pipeline = build_checkpoint_pipeline(cfg, client, run_id, run_dir, is_main=main, resume=point, lease=lease)
         uploader, callback = pipeline.uploader, pipeline.callback
         trainer = Trainer(
@@ -172,15 +177,22 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
                 logger.info("run %s already has its final model %s; not logged again", run_id, model_uri)
             elif cfg.log_final_model:
                 model_uri = tracking.log_final_model(run_id, trainer.model, prepared.tokenizer, cfg.model.task,
-                                                     cfg.registered_model)
+                                                     cfg.registered_model, step=trainer.state.global_step)
+        result = TrainResult(run_id, run_dir, trainer.state.global_step, model_uri,
+                             final_metrics(trainer.state.log_history),
+                             callback.monitor_watch.problem(uploader.retention.latest()) if uploader else None)
+        if main:
+            # Every run that ends here, a resumed one included: curves from the run's whole history.
+            plots.log_run_plots(client, cfg, result)
+            system_metrics.stop(monitor)
+            monitor = None
             client.set_terminated(run_id, "FINISHED")
-        return TrainResult(run_id, run_dir, trainer.state.global_step, model_uri,
-                           final_metrics(trainer.state.log_history),
-                           callback.monitor_watch.problem(uploader.retention.latest()) if uploader else None)
+        return result
     except BaseException as exc:
         if uploader is not None:  # queued checkpoints stored or named, the worker thread stopped
             # Not into a run another process has taken over, and not after Ctrl-C: named instead.
             uploader.end_after_error(exc, store_queued=not isinstance(exc, (KeyboardInterrupt, RunInUseError)))
+        system_metrics.stop(monitor)
         if main and isinstance(exc, RunInUseError):
             raise  # the run is someone else's now: its status is theirs to set
         if main:

@@ -66,7 +66,6 @@ def run_trial(job: TrialJob, number: int, values: Mapping[str, Any]) -> tuple[fl
     """Train one trial as a child run; returns (metric value, run id). Raises when the trial fails."""
     from mlflow.tracking import MlflowClient
 
-    from mltrainer import plots
     from mltrainer.train import train
 
     client = MlflowClient()
@@ -83,7 +82,6 @@ def run_trial(job: TrialJob, number: int, values: Mapping[str, Any]) -> tuple[fl
             logger.warning("could not log the values of failed trial %d", number, exc_info=True)
         raise
     log_chosen_values(client, result.run_id, values)
-    plots.log_run_plots(client, cfg, result)
     if job.metric not in result.metrics:
         raise MetricMissing(f"trial {number} (run {result.run_id}) did not log {job.metric!r}; "
                             f"it logged: {', '.join(sorted(result.metrics)) or 'nothing'}")
