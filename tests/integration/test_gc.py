@@ -9,7 +9,6 @@ make target does and reads the bucket and the database back.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
