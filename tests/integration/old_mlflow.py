@@ -70,10 +70,11 @@ def old_mlflow_python(version: str = OLD_MLFLOW) -> Path:
            *(f"{name}=={pins[name]}" for name in SERVER_EXTRAS)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
         output = "\n".join(line for line in (result.stdout + result.stderr).splitlines()
                            if not line.startswith("WARNING: Location"))
         raise OldMlflowUnavailable(
-            f"could not install mlflow[auth]=={version} into {building} from the package index (exit "
+            f"could not install mlflow[auth]=={version} into {home} from the package index (exit "
             f"{result.returncode}); the upgrade test needs PyPI or a mirror. pip said:\n{output[-3000:]}")
     # Built under a name of its own, so an interrupted build is never taken for a finished one; its
     # scripts' shebangs keep that name, which is why only its interpreter is ever called.

@@ -106,7 +106,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report = upgrade(_stack(args), Path(args.into))
     print(f"upgraded to MLflow {version('mlflow')} in {time.monotonic() - started:.1f}s; "
-          f"the way back is the backup {report.backup}")
+          f"the backup taken before migrating: {report.backup}")
     return 0
 
 
