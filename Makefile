@@ -141,7 +141,13 @@ upgrade: $(STAMP) ## Compose: build the pinned MLflow, check it, stop the server
 	$(COMPOSE_RUN) --no-deps -T $(UPGRADE) migrate
 	$(COMPOSE) up -d --wait mlflow
 
-stack-upgrade: $(STAMP) ## Native stack: the same with the MLflow .venv now has (make venv installs the new pin)
+# The native stack runs from .venv: when the lock changed, the stack stops before .venv is made anew
+# under it (a server whose files are replaced fails at its next import), then upgrades.
+stack-upgrade: ## Native stack: the same with the MLflow of the lock (.venv re-installed when it changed)
+	@if ! $(MAKE) --no-print-directory -q $(STAMP) && [ -x $(BIN)/mlstack ]; then \
+		echo ">>> the lock changed: stopping the native stack before .venv is re-installed"; \
+		$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) down; fi
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) upgrade --into $(BACKUP_ROOT)
 
 # --- Tests ----------------------------------------------------------------------------------
