@@ -1,13 +1,13 @@
 """``mlstack upgrade``: move the native stack's data to the MLflow now installed (make stack-upgrade).
 
-The new MLflow is installed first (the pin changed, ``make venv`` re-installed), while the old
-server may still be running. Then, in this order:
+The new MLflow is installed first (the pin changed, ``make stack-upgrade`` stopped the stack and
+re-installed .venv). Then, in this order:
 
-1. check   refuse, with nothing changed and the old server still serving, when the databases were
-           written by a newer MLflow or a server patch does not take hold (``mlstack.upgrade check``);
+1. check   refuse, with nothing changed (a server still running keeps serving), when a database
+           was written by a newer MLflow or a server patch does not take hold (``mlstack.upgrade check``);
 2. stop    the MLflow server, so nothing writes during the backup and the migration;
-3. backup  both databases and the bucket (``mlstack.backup``, as ``make stack-backup``): MLflow's migrations are
-           not transactional, and this backup is the way back;
+3. backup  both databases and the bucket (``mlstack.backup``, as ``make stack-backup``): MLflow's
+           migrations are not transactional, and this backup is the way back;
 4. migrate both databases (``mlstack.upgrade migrate``);
 5. start   the server of the new version; its entrypoint checks both schemas again and its
            patches check themselves.
