@@ -108,7 +108,11 @@ def crash(client: MlflowClient, run_id: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
-def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, baseline, tmp_path):
+# A fresh machine (empty output directory, nothing but the config and the run id), or the killed
+# trainer's own (its local checkpoints, half-written saves and upload snapshots still there, as in a
+# compose volume shared by the trainer's containers).
+@pytest.mark.parametrize("resume_on", ["machine-b", "machine-a"])
+def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, baseline, tmp_path, resume_on):
     env = native_stack.client_env()
     client = client_for(native_stack)
     log = tmp_path / "first.log"
@@ -126,8 +130,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, ba
     assert max(stored_before) < STEPS
     wait_until_resumable(client, run_id, timeout=60)  # a killed trainer holds its run until then
 
-    # A fresh machine: empty output directory, nothing but the config and the run id.
-    done = run_cli([*BASE_ARGS, "--set", f"output_root={tmp_path / 'machine-b'}", "--set",
+    done = run_cli([*BASE_ARGS, "--set", f"output_root={tmp_path / resume_on}", "--set",
                     "experiment.name=resume-kill", "--resume", run_id], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"finished at step {STEPS}" in done.stdout
