@@ -3,7 +3,8 @@ data as dataset inputs, system metrics, and the final model at its step with its
 
 Two tiny trainings of one config into one experiment, shared by every test here:
 
-* ``straight``: the defaults (system metrics on) and the final model logged;
+* ``straight``: system metrics on (the default), the final model logged, and the training loss
+  logged every 3 steps, so its last value (step 18) is not at the last step (20);
 * ``resumed``: ``tracking.system_metrics=false``; it fails after its second save and is resumed
   to the end, so what it shows was logged by a resumed run.
 """
@@ -22,6 +23,7 @@ from trainer_support import (REPO, RUN_LINE, artifact_prefix, read_object, run_c
 
 DRIVER = Path(__file__).with_name("fail_after_saves.py")
 LAST_STEP = 20  # configs/tiny.yaml: max_steps
+LOSS_STEPS = [3, 6, 9, 12, 15, 18]  # the straight run's training loss
 PNG = b"\x89PNG\r\n\x1a\n"
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
                   "system/system_memory_usage_percentage")
@@ -36,7 +38,8 @@ def client(native_stack):
 @pytest.fixture(scope="module")
 def runs(native_stack, client, tmp_path_factory):
     experiment = unique_experiment("run-metadata")
-    straight = train(native_stack, tmp_path_factory.mktemp("straight"), experiment, "log_final_model=true")
+    straight = train(native_stack, tmp_path_factory.mktemp("straight"), experiment, "log_final_model=true",
+                     "training.logging_steps=3")
 
     off = "tracking.system_metrics=false"
     args = train_args(tmp_path_factory.mktemp("resumed"), experiment, off)
@@ -109,6 +112,7 @@ def test_final_model_is_logged_at_the_last_step_with_the_final_metrics(client, r
     final = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}
     assert {k: m.value for k, m in linked.items()} == final
     assert {"loss", "eval_loss", "train_loss"} <= set(linked)
-    assert linked["eval_loss"].step == LAST_STEP
-    # Linking kept the run's history as it was: one eval_loss per evaluation (every 4 steps).
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [4, 8, 12, 16, 20]
+    # The last training loss, though logged before the last step, is the model's loss too.
+    assert linked["loss"].step == LOSS_STEPS[-1] and linked["eval_loss"].step == LAST_STEP
+    # Linking kept the run's history as it was: one point per logging step.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == LOSS_STEPS
