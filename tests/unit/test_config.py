@@ -66,7 +66,7 @@ def test_load_valid_config(cfg_dir):
     assert cfg.checkpoints == CheckpointPolicy(save_last_k=2)
     assert (cfg.upload.queue_size, cfg.upload.max_retries, cfg.upload.backoff_seconds) == (2, 5, 1.0)
     assert cfg.upload.background_parts == 1
-    assert cfg.tracking.metrics_flush_seconds == 2
+    assert cfg.tracking.metrics_flush_seconds == 2 and cfg.tracking.system_metrics is True
     assert cfg.output_root == "outputs" and cfg.registered_model is None and cfg.tracking.uri is None
     json.dumps(cfg.to_dict())  # plain data
 
@@ -140,6 +140,7 @@ def test_empty_or_non_mapping(cfg_dir, text):
         ("upload: {queue_size: 0}\n", "upload.queue_size", "must be >= 1, got 0"),
         ("upload: {background_parts: 0}\n", "upload.background_parts", "must be >= 1, got 0"),
         ("tracking: {metrics_flush_seconds: -1}\n", "tracking.metrics_flush_seconds", "must be >= 0, got -1"),
+        ("tracking: {system_metrics: 'no'}\n", "tracking.system_metrics", "expected true or false, got str 'no'"),
         ("upload: {backoff_seconds: fast}\n", "upload.backoff_seconds", "expected a number, got str 'fast'"),
         ("output_root: 3\n", "output_root", "expected a non-empty string, got int 3"),
         ("registered_model: {alias: best}\n", "registered_model.name", "is required"),
