@@ -18,6 +18,9 @@ def start(run_id: str, tracking_uri: str | None, *, resumed: bool):
     """A running monitor for ``run_id``; a resumed run continues its system metrics' steps."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # Its INFO lines (started, stopping, "Skip logging GPU metrics" on every CPU machine) ask
+    # nothing of the user; its warnings (a failed log) still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=tracking_uri)
     monitor.start()
     return monitor
