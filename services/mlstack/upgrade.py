@@ -31,6 +31,8 @@ from mlstack.schema_state import SchemaState, Standing
 
 # What the server runs to build its app (gunicorn's app spec in mlstack.mlflow_server).
 APP_FACTORY = "mlstack.mlflow_app:create_app"
+# How mlstack.patches.self_check warns of a patch the operator lets the server run without.
+UNPATCHED_WARNING = "RUNNING WITHOUT PATCH"
 
 
 class UpgradeRefused(RuntimeError):
@@ -61,9 +63,10 @@ def refuse_unknown(states: tuple[SchemaState, ...]) -> None:
         )
 
 
-def check_patches() -> float:
+def check_patches() -> tuple[float, list[str]]:
     """Build the server app in a fresh interpreter on throwaway stores; its patches check themselves
-    as it is built, and a failing one raises, naming itself. Returns the seconds it took."""
+    as it is built, and a failing one raises, naming itself. Returns the seconds it took and the
+    warnings of patches not in effect that the operator allows (MLSTACK_ALLOW_UNPATCHED)."""
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mlstack-upgrade-check-") as tmp:
         root = Path(tmp)
@@ -97,7 +100,8 @@ def check_patches() -> float:
             f"the stack's server does not start on MLflow {installed_mlflow()}: building its app failed "
             f"(exit {result.returncode}). Nothing was changed. Its output ends:\n{_tail(result.stdout + result.stderr)}"
         )
-    return time.monotonic() - began
+    output = (result.stdout + result.stderr).splitlines()
+    return time.monotonic() - began, [line for line in output if UNPATCHED_WARNING in line]
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -111,7 +115,14 @@ def check(env: dict[str, str]) -> tuple[SchemaState, SchemaState]:
     for st in states:
         log(st.describe())
     refuse_unknown(states)
-    log(f"server patches take hold on this MLflow (app built in {check_patches():.1f}s)")
+    seconds, unpatched = check_patches()
+    if unpatched:
+        # The operator allows these; the upgrade goes on, but not without saying so.
+        for line in unpatched:
+            log(f"WARNING: {line}")
+        log(f"the other server patches take hold on this MLflow (app built in {seconds:.1f}s)")
+    else:
+        log(f"server patches take hold on this MLflow (app built in {seconds:.1f}s)")
     return states
 
 

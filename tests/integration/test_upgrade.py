@@ -276,3 +276,11 @@ def test_an_upgrade_to_an_mlflow_a_patch_does_not_take_hold_on_is_refused_before
     assert Stack(stack.state_dir).handle("mlflow") == server_before and server_before.alive()
     assert schema_state.inspect(*uris(native_stack.env)) == states_before
     assert not backups.exists()
+
+    # Allowed by the operator (MLSTACK_ALLOW_UNPATCHED), the check lets the upgrade go on, saying so.
+    allowed = subprocess.run([sys.executable, "-m", "mlstack.upgrade", "check"], capture_output=True, text=True,
+                             env={**s.service_environment("mlflow", native_stack.env, os.environ),
+                                  "PYTHONPATH": str(hook), "MLSTACK_ALLOW_UNPATCHED": "streaming_download"})
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "[upgrade] WARNING: " in allowed.stdout and "RUNNING WITHOUT PATCH streaming_download" in allowed.stdout
+    assert "the other server patches take hold" in allowed.stdout
