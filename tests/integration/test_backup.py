@@ -22,7 +22,7 @@ import pytest
 import requests
 from conftest import RunningStack
 from trainer_support import (
-    artifact_prefix, object_digests, read_object, run_cli, sha256, train, trainer_client, trainer_env,
+    artifact_prefix, finish, object_digests, read_object, run_cli, start_train, train, trainer_client, trainer_env,
 )
 
 from mlstack.native.processes import free_port
@@ -307,3 +307,37 @@ def test_restore_refuses_another_mlflow_version_and_a_damaged_backup(round_trip,
     assert refused.returncode == 1 and "is damaged, nothing was restored" in refused.stderr
     fine = backup_cli("verify", str(round_trip["backup"]))
     assert fine.returncode == 0 and "match their checksums" in fine.stdout
+
+
+def test_backups_taken_while_a_trainer_stores_and_evicts_checkpoints_hold_only_whole_ones(round_trip):
+    """Backups taken one after another while a trainer uploads a checkpoint every 2 steps and
+    retention deletes the one before: in each, every checkpoint manifest kept (read with the
+    trainer's own parser) has every file it lists, byte for byte. That is what a restore of it
+    brings back (the round trip above restores exactly the backup's objects)."""
+    from mltrainer.manifest import Manifest
+
+    stack, work = round_trip["stack"], round_trip["work"]
+    proc = start_train(stack, work / "in-flight", "backup-in-flight", "training.max_steps=60",
+                       "training.save_steps=2", "training.eval_steps=2", "checkpoints.save_last_k=1",
+                       "checkpoints.save_top_k=null", "checkpoints.monitor=null")
+    backups_root, taken = work / "in-flight-backups", 0
+    while proc.poll() is None or taken < 2:
+        made = backup_cli("create", f"--state-dir={stack.stack.state_dir}", "--env-file=", f"--into={backups_root}")
+        assert made.returncode == 0, made.stdout + made.stderr
+        taken += 1
+    finish(proc)
+    checked = 0
+    for backup in sorted(p for p in backups_root.iterdir() if not p.name.startswith(".")):
+        manifest = json.loads((backup / "manifest.json").read_text())
+        held = {o["key"]: o for o in manifest["bucket"]["objects"]}
+        for key, obj in held.items():
+            if "/checkpoints/" not in key or not key.endswith("/manifest.json"):
+                continue
+            ckpt = Manifest.from_json((backup / "objects" / obj["sha256"][:2] / obj["sha256"]).read_bytes())
+            root = key[: -len(ckpt.store_path + "/manifest.json")]
+            for entry in ckpt.files:
+                stored = held.get(root + entry.stored_at)
+                assert stored is not None, f"{backup.name}: {key} lists {entry.stored_at}, not in the backup"
+                assert (stored["size"], stored["sha256"]) == (entry.size, entry.sha256), (backup.name, key, entry)
+            checked += 1
+    assert taken >= 2 and checked >= taken, (taken, checked)

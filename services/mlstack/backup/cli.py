@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mlstack.backup import layout
-from mlstack.backup.targets import BackupError, ComposeTarget, NativeTarget
+from mlstack.backup.targets import ComposeTarget, NativeTarget
 
 
 def _target(args: argparse.Namespace):
@@ -73,6 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except BackupError as exc:
+    except RuntimeError as exc:  # BackupError, and the native launcher's StackError when a restart fails
         print(f"backup {args.command}: {exc}", file=sys.stderr)
         return 1
