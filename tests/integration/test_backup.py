@@ -288,12 +288,15 @@ def test_restore_refuses_another_mlflow_version_and_a_damaged_backup(round_trip,
     other = tmp_path / "other-version"
     shutil.copytree(round_trip["backup"], other)
     manifest = json.loads((other / "manifest.json").read_text())
-    taken_with = manifest["mlflow_version"]
+    ours = manifest["databases"]["tracking"]["schema_revision"]
+    # As a backup of an older MLflow's database records it: the revision before this MLflow's head.
+    manifest["databases"]["tracking"]["schema_revision"] = "75868b020152"
     manifest["mlflow_version"] = "3.16.1"
     (other / "manifest.json").write_text(json.dumps(manifest))
     refused = backup_cli("restore", str(other), f"--state-dir={state_dir}", "--env-file=")
     assert refused.returncode == 1
-    assert f"was taken with MLflow 3.16.1 and this native stack runs MLflow {taken_with}" in refused.stderr
+    assert (f"holds a tracking database at schema revision 75868b020152 (taken with MLflow 3.16.1) and this native "
+            f"stack's is at {ours} (MLflow ") in refused.stderr, refused.stderr
 
     damaged = tmp_path / "damaged"
     shutil.copytree(round_trip["backup"], damaged)

@@ -1,8 +1,8 @@
 """Restore a backup onto an empty stack of the same MLflow version.
 
 Refused, before anything is changed, when the backup does not match its checksums, when the
-target runs another MLflow version (its schema would not be the one the dumps hold: upgrade after
-restoring, with the version the backup was taken with), or when the target holds anything a
+target's databases are at another schema revision than the dumps (another MLflow version: restore
+with the version the backup was taken with, then upgrade), or when the target holds anything a
 restore would overwrite. Then: the MLflow server is stopped, the bucket's objects are uploaded,
 both databases are replaced by their dumps, and the server is started again.
 
@@ -54,10 +54,18 @@ def check(backup: Path, target: Target) -> dict:
     if damaged:
         raise BackupError(f"{backup} is damaged, nothing was restored:\n" + "\n".join(f"  - {p}" for p in damaged))
     target.check_running()
+    # The schema decides, not the version string: a dump loads into the schema it was taken from,
+    # and a server runs on the schema its MLflow migrates to. (An upgrade backs up old-schema data
+    # with the new MLflow already installed; patch releases share a schema.)
     version = target.mlflow_version()
-    if version != manifest["mlflow_version"]:
-        raise BackupError(f"{backup} was taken with MLflow {manifest['mlflow_version']} and this {target.kind} stack runs "
-                          f"MLflow {version}: restore onto a stack of MLflow {manifest['mlflow_version']}, then upgrade it")
+    for role, name in target.databases.by_role().items():
+        theirs = manifest["databases"][role]["schema_revision"]
+        ours = postgres.schema_revision(target, name, role)
+        if theirs != ours:
+            raise BackupError(
+                f"{backup} holds a {role} database at schema revision {theirs} (taken with MLflow "
+                f"{manifest['mlflow_version']}) and this {target.kind} stack's is at {ours} (MLflow {version}), "
+                f"nothing was restored: restore onto a stack of the MLflow the backup was taken with, then upgrade it")
     held = what_target_holds(target)
     if held:
         raise BackupError(f"the {target.kind} stack is not empty, nothing was restored: it holds "
