@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import RunningStack
+from running_stack import RunningStack
 from trainer_support import (
     artifact_prefix, finish, object_digests, read_object, run_cli, start_train, train, trainer_client, trainer_env,
 )
