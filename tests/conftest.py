@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from mlstack.native.processes import free_port
 from mlstack.native.stack import Stack
-from running_stack import RunningStack
+from running_stack import RunningStack, environ_set, free_stack_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def stack_ports() -> dict[str, str]:
-    return {"STACK_DB_PORT": str(free_port()), "STACK_S3_PORT": str(free_port()), "STACK_MLFLOW_PORT": str(free_port())}
+    return free_stack_ports()
 
 
 @pytest.fixture(scope="session")
@@ -31,20 +30,14 @@ def native_stack(stack_ports) -> RunningStack:
     # Not under pytest's tmp_path root: every pytest session re-chmods that root to 0700, which
     # would lock the unprivileged PostgreSQL account out of its data directory mid-run.
     state_dir = Path(tempfile.mkdtemp(prefix="mlstack-tests-"))
-    saved = {k: os.environ.get(k) for k in stack_ports}
-    os.environ.update(stack_ports)
-    stack = Stack(state_dir)
-    try:
-        env = stack.up()
-        yield RunningStack(stack, env)
-    finally:
-        Stack(state_dir).down()
-        shutil.rmtree(state_dir, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ_set(stack_ports):
+        stack = Stack(state_dir)
+        try:
+            env = stack.up()
+            yield RunningStack(stack, env)
+        finally:
+            Stack(state_dir).down()
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,10 +7,14 @@ tests/unit/conftest.py when unit and integration tests are collected together.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import boto3
 
+from mlstack.native.ports import PUBLIC_PORTS
+from mlstack.native.processes import free_port
 from mlstack.native.stack import Stack
 
 
@@ -54,3 +58,27 @@ class RunningStack:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
         return keys
+
+
+@contextmanager
+def environ_set(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` holds ``values`` inside the block; each name is put back as it was after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+# The variables that choose a native stack's public ports (mlstack.native.ports).
+STACK_PORT_VARS = tuple(port.variable for port in PUBLIC_PORTS)
+
+
+def free_stack_ports() -> dict[str, str]:
+    """A free port for each public port of a native stack, by the variable that chooses it: a
+    second stack beside the session's (or a user's) never meets a taken port."""
+    return {name: str(free_port()) for name in STACK_PORT_VARS}

@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from running_stack import RunningStack
+from running_stack import STACK_PORT_VARS, RunningStack, environ_set, free_stack_ports
 from trainer_support import (
     artifact_prefix, finish, object_digests, read_object, run_cli, start_train, train, trainer_client, trainer_env,
 )
 
-from mlstack.native.processes import free_port
 from mlstack.native.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
-PORT_VARS = ("STACK_DB_PORT", "STACK_S3_PORT", "STACK_MLFLOW_PORT")
 PEOPLE = {"alice": "alice-password-0123", "bob": "bob-password-456789"}
 MODEL = "backup-model"
 HALF = {  # the half-written run's checkpoint folders and what each holds in the source bucket
@@ -42,22 +40,14 @@ HALF = {  # the half-written run's checkpoint folders and what each holds in the
 
 def _start(state_dir: Path) -> RunningStack:
     """A native stack on free ports (given through the environment only while it starts)."""
-    saved = {k: os.environ.pop(k, None) for k in PORT_VARS}
-    os.environ.update({k: str(free_port()) for k in PORT_VARS})
-    try:
+    with environ_set(free_stack_ports()):
         stack = Stack(state_dir)
         return RunningStack(stack, stack.up())
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def backup_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m mlstack.backup`` as make runs it: no port variables of another stack, no .env."""
-    env = {k: v for k, v in os.environ.items() if k not in PORT_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in STACK_PORT_VARS}
     return subprocess.run([sys.executable, "-m", "mlstack.backup", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
 

@@ -22,14 +22,13 @@ import boto3
 import psycopg2
 import pytest
 from mlflow import MlflowClient
+from running_stack import environ_set, free_stack_ports
 
 from mltrainer.lease import LEASE_TAG, Lease
 from mltrainer.manifest import MANIFEST_NAME, Manifest, ManifestEntry
-from mlstack.native.processes import free_port
 from mlstack.native.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
-PORT_VARS = ("STACK_DB_PORT", "STACK_S3_PORT", "STACK_MLFLOW_PORT")
 
 
 class GcStack:
@@ -96,36 +95,21 @@ class GcStack:
 @pytest.fixture(scope="module")
 def gc_stack():
     state_dir = Path(tempfile.mkdtemp(prefix="mlstack-gc-tests-"))
-    saved = {k: os.environ.get(k) for k in PORT_VARS}
-    os.environ.update({k: str(free_port()) for k in PORT_VARS})
-    try:
-        env = Stack(state_dir).up()
-        yield GcStack(state_dir, env)
-    finally:
-        Stack(state_dir).down()
-        shutil.rmtree(state_dir, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ_set(free_stack_ports()):
+        try:
+            env = Stack(state_dir).up()
+            yield GcStack(state_dir, env)
+        finally:
+            Stack(state_dir).down()
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def client(gc_stack):
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MLFLOW_TRACKING_URI=gc_stack.env["MLFLOW_PUBLIC_URL"],
-                      MLFLOW_TRACKING_USERNAME=gc_stack.env["MLFLOW_ADMIN_USER"],
-                      MLFLOW_TRACKING_PASSWORD=gc_stack.env["MLFLOW_ADMIN_PASSWORD"])
-    try:
+    with environ_set({"MLFLOW_TRACKING_URI": gc_stack.env["MLFLOW_PUBLIC_URL"],
+                      "MLFLOW_TRACKING_USERNAME": gc_stack.env["MLFLOW_ADMIN_USER"],
+                      "MLFLOW_TRACKING_PASSWORD": gc_stack.env["MLFLOW_ADMIN_PASSWORD"]}):
         yield MlflowClient()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def lease(*, held: bool) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
+from running_stack import environ_set
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
@@ -102,18 +102,10 @@ class TrainedRun:
 @contextlib.contextmanager
 def trainer_client(stack):
     """An in-process MlflowClient as the trainer user; the environment is restored afterwards."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    saved = {k: os.environ.get(k) for k in keys}
     user, password = stack.trainer_auth
-    os.environ.update(MLFLOW_TRACKING_URI=stack.uri, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-    try:
+    with environ_set({"MLFLOW_TRACKING_URI": stack.uri, "MLFLOW_TRACKING_USERNAME": user,
+                      "MLFLOW_TRACKING_PASSWORD": password}):
         yield MlflowClient(tracking_uri=stack.uri)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def artifact_prefix(client: MlflowClient, run_id: str) -> str:
