@@ -113,11 +113,12 @@ def crash(client: MlflowClient, run_id: str) -> None:
 # compose volume shared by the trainer's containers).
 @pytest.mark.parametrize("resume_on", ["machine-b", "machine-a"])
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, baseline, tmp_path, resume_on):
+    experiment = f"resume-kill-{resume_on}"
     env = native_stack.client_env()
     client = client_for(native_stack)
     log = tmp_path / "first.log"
     first = start_logged([*BASE_ARGS, "--set", f"output_root={tmp_path / 'machine-a'}",
-                          "--set", "experiment.name=resume-kill"], env, log)
+                          "--set", f"experiment.name={experiment}"], env, log)
     try:
         wait_for(lambda: " trains in " in log.read_text(), 180, "the run to start", first)
         run_id = run_id_from_output(log)
@@ -131,11 +132,11 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(native_stack, ba
     wait_until_resumable(client, run_id, timeout=60)  # a killed trainer holds its run until then
 
     done = run_cli([*BASE_ARGS, "--set", f"output_root={tmp_path / resume_on}", "--set",
-                    "experiment.name=resume-kill", "--resume", run_id], env)
+                    f"experiment.name={experiment}", "--resume", run_id], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"finished at step {STEPS}" in done.stdout
 
-    runs = runs_of(client, "resume-kill")
+    runs = runs_of(client, experiment)
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
     loss = history(client, run_id, "loss")

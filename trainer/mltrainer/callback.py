@@ -25,12 +25,19 @@ from mltrainer.uploader import CheckpointUploader, UploadJob
 logger = logging.getLogger(__name__)
 
 
+# Under the run's local folder: one snapshot per save while its upload is pending (see snapshot).
+SNAPSHOT_DIR = ".upload-snapshots"
+
+
 def snapshot(src: Path, dst: Path) -> Path:
     """Hard-link every file of ``src`` into ``dst`` (copy when links are impossible).
 
-    The Trainer replaces checkpoint files by writing new ones, never by rewriting in place, so a
-    link keeps the bytes of this save alive for the upload even after rotation deletes ``src``.
+    A save writes a fresh checkpoint folder, so a link keeps the bytes of this save alive for the
+    upload even after rotation deletes ``src``. A ``dst`` already there can only be a dead process's
+    (each step is saved once per process): it is replaced, never merged into this save.
     """
+    if dst.exists():
+        shutil.rmtree(dst)
     for root, _dirs, files in os.walk(src):
         target = dst / Path(root).relative_to(src)
         target.mkdir(parents=True, exist_ok=True)

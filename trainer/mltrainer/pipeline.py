@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mltrainer import tracking
-from mltrainer.callback import StoreCheckpointsCallback
+from mltrainer.callback import SNAPSHOT_DIR, StoreCheckpointsCallback
 from mltrainer.config import TrainConfig
 from mltrainer.lease import LeaseKeeper
 from mltrainer.transfer import RunArtifacts
@@ -57,7 +57,7 @@ def build_checkpoint_pipeline(cfg: TrainConfig, client, run_id: str, run_dir: Pa
     tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
     callback = StoreCheckpointsCallback(
         client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
-        snapshot_root=run_dir / ".upload-snapshots", is_main=is_main,
+        snapshot_root=run_dir / SNAPSHOT_DIR, is_main=is_main,
         already_logged=resume.logged_steps if resume else None, lease=lease,
     )
     return CheckpointPipeline(callback=callback, uploader=uploader)

@@ -203,6 +203,34 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which
         raise
 
 
+def clear_dead_trainers_leftovers(run_dir: Path, resume_step: int) -> None:
+    """Remove what the run's previous trainer left in ``run_dir`` that this one would write again.
+
+    Resuming on the machine (or compose volume) the killed trainer used finds its local folders.
+    Its checkpoints past ``resume_step`` are redone by this training, and the Trainer saves into an
+    existing folder in place, mixing the two; its upload snapshots are hard links to those files.
+    None of it is in the store as a complete checkpoint (the resume starts from the newest
+    one that is), so nothing stored is lost; earlier local checkpoints are left alone.
+    """
+    from mltrainer.callback import SNAPSHOT_DIR
+
+    stale = sorted((p for p in run_dir.glob("checkpoint-*") if _step_of(p) is not None and _step_of(p) > resume_step),
+                   key=_step_of)
+    snapshots = run_dir / SNAPSHOT_DIR
+    if snapshots.exists():
+        stale.append(snapshots)
+    if stale:
+        logger.warning("removing what the run's previous trainer left past step %d in %s (training redoes it): %s",
+                       resume_step, run_dir, ", ".join(p.name for p in stale))
+    for path in stale:
+        shutil.rmtree(path)
+
+
+def _step_of(path: Path) -> int | None:
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if path.is_dir() and suffix.isdigit() else None
+
+
 def _download_and_restore(run, cfg: TrainConfig, store: RunArtifacts, complete: list[Manifest],
                           candidates: list[Manifest]) -> ResumePoint:
     run_id = run.info.run_id
@@ -217,6 +245,7 @@ def _download_and_restore(run, cfg: TrainConfig, store: RunArtifacts, complete: 
         logger.warning("skipping checkpoint %s: %s", manifest.store_path, problem)
     else:
         raise ResumeError(f"run {run_id}: no checkpoint could be downloaded and verified (see warnings above)")
+    clear_dead_trainers_leftovers(run_dir, manifest.step)
 
     retention = RetentionState(resumed_from=manifest.store_path)
     for m in sorted(complete, key=lambda m: m.step):
