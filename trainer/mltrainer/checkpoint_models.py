@@ -180,17 +180,22 @@ class CheckpointModels:
         if not values:
             return
         stamps = self.logged_at(manifest.step)
-        metrics = [Metric(key, value, self._timestamp(key, manifest.step, value, stamps), manifest.step,
-                          model_id=model_id, run_id=self.run_id)
-                   for key, value in sorted(values.items())]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        points = [self._point(key, manifest.step, value, stamps) for key, value in sorted(values.items())]
+        self.client.log_batch(self.run_id, metrics=[Metric(key, value, ts, manifest.step, model_id=model_id,
+                                                           run_id=self.run_id) for key, value, ts in points])
 
-    def _timestamp(self, key: str, step: int, value: float, known: dict[str, int]) -> int:
-        """The timestamp the run's history holds for ``key`` at ``step``: linking it again with the
-        same one leaves the history as it is (the server skips an identical point)."""
+    def _point(self, key: str, step: int, value: float, known: dict[str, int]) -> tuple[str, float, int]:
+        """``(key, value, timestamp)`` of the run's own point of ``key`` at ``step``: linking it again
+        as it is leaves the history as it is (the server skips an identical point).
+
+        A metric this process did not log at that step was logged by one before a resume, maybe
+        with another value (a resumed run's step is not bit-identical): the history's point is
+        the one linked. Only a point the history lacks (its process died before sending it) is new.
+        """
         if key in known:
-            return known[key]
-        for point in self.client.get_metric_history(self.run_id, key):
-            if point.step == step and point.value == value:
-                return point.timestamp
-        return int(time.time() * 1000)  # not in the history (logged by a process that died): a new point
+            return key, value, known[key]
+        at_step = [p for p in self.client.get_metric_history(self.run_id, key) if p.step == step]
+        if at_step:
+            point = max(at_step, key=lambda p: p.timestamp)
+            return key, point.value, point.timestamp
+        return key, value, int(time.time() * 1000)
