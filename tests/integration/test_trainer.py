@@ -168,39 +168,35 @@ def test_upload_last_keeps_only_the_final_checkpoint(native_stack, client, last_
     assert "checkpoint.best" not in tags  # no monitor, no best
     # Every save was uploaded and then evicted: no manifest, and no file left behind either.
     assert {k[len(prefix):].split("/")[1] for k in native_stack.bucket_keys(prefix + "checkpoints/")} \
-        == {"step-00000004", "step-00000020"}  # step 4 holds only the files shared with step 20
+        == {"step-00000020"}
 
 
-# -- 3. manifests match the bucket; dedup ---------------------------------------------------
+# -- 3. manifests match the bucket; every folder whole ---------------------------------------
 
 
 @pytest.mark.parametrize("which", ["default", "keep_all"])
-def test_manifests_match_bucket_bytes_and_identical_files_are_stored_once(native_stack, client, default_runs,
-                                                                          keep_all_run, which):
+def test_manifests_match_bucket_bytes_and_every_folder_is_whole(native_stack, client, default_runs, keep_all_run,
+                                                                which):
     run = default_runs["runs"][0] if which == "default" else keep_all_run
     prefix = artifact_prefix(client, run.run_id)
     stored = stored_checkpoints(native_stack, prefix)
     objects = {k[len(prefix):]: k for k in native_stack.bucket_keys(prefix + "checkpoints/")}
 
-    referenced: dict[str, str] = {}  # stored_at -> sha256
-    by_digest: dict[str, set[str]] = {}
-    for manifest in stored.values():
+    listed: set[str] = set()
+    config_digests = set()
+    for path, manifest in stored.items():
         for entry in manifest["files"]:
+            # Each file in its checkpoint's own folder (unchanged ones copied by the server).
+            assert entry["stored_at"] == f"{path}/{entry['path']}", entry
             data = read_object(native_stack, prefix + entry["stored_at"])
             assert len(data) == entry["size"], entry
             assert sha256(data) == entry["sha256"], entry
-            referenced[entry["stored_at"]] = entry["sha256"]
-            by_digest.setdefault(entry["sha256"], set()).add(entry["stored_at"])
-
-    # Every identical file is stored exactly once, whichever checkpoints list it.
-    assert all(len(paths) == 1 for paths in by_digest.values()), by_digest
-    shared = [e["path"] for m in stored.values() for e in m["files"]
-              if not e["stored_at"].startswith(m["store_path"] + "/")]
-    assert "config.json" in shared and "tokenizer.json" in shared
-    # The bucket holds exactly the manifests plus the referenced objects: no orphans, no copies.
-    assert set(objects) == set(referenced) | {f"{p}/{MANIFEST}" for p in stored}
-    total_entries = sum(len(m["files"]) for m in stored.values())
-    assert len(referenced) < total_entries
+            listed.add(entry["stored_at"])
+            if entry["path"] == "config.json":
+                config_digests.add(entry["sha256"])
+    assert len(config_digests) == 1 and len(stored) > 1  # the same file, in every folder
+    # The bucket holds exactly the manifests plus the objects they list: no orphans, no leftovers.
+    assert set(objects) == listed | {f"{p}/{MANIFEST}" for p in stored}
 
 
 # -- 7, 8. params: secrets redacted, long values cut ----------------------------------------
@@ -267,10 +263,8 @@ def test_checkpoints_command_lists_stored_steps_and_aliases(native_stack, client
         aliases = line.split()[4].split(",")
         expected = (["latest"] if step == 20 else []) + (["best"] if step == best else [])
         assert sorted(aliases) == sorted(expected) or (not expected and aliases == ["-"])
-    # Evicted folders that still hold shared files are shown, but never as complete.
-    for path, line in rows.items():
-        if path not in complete:
-            assert "evicted" in line and "complete" not in line
+    # An evicted checkpoint leaves no folder behind to list.
+    assert set(rows) == set(complete)
 
 
 def test_checkpoints_command_unknown_run_id_fails_clearly(native_stack):
@@ -288,4 +282,6 @@ def test_final_model_is_logged_only_when_asked(native_stack, client, default_run
     assert "Final model: not logged" in second.stdout
     experiment_id = client.get_run(first.run_id).info.experiment_id
     models = client.search_logged_models(experiment_ids=[experiment_id])
-    assert [m.source_run_id for m in models] == [first.run_id]
+    finals = [m for m in models if m.model_type != "checkpoint"]  # each kept checkpoint is a model too
+    assert [m.source_run_id for m in finals] == [first.run_id]
+    assert {m.source_run_id for m in models if m.model_type == "checkpoint"} == {first.run_id, second.run_id}

@@ -15,7 +15,7 @@ import pytest
 
 from mltrainer.manifest import MANIFEST_NAME, Manifest
 from mltrainer.policy import CheckpointPolicy
-from mltrainer.transfer import InFlightLimit
+from mltrainer.transfer import ArtifactMissingError, InFlightLimit
 from mltrainer.uploader import CheckpointUploader, UploadError, UploadJob
 
 KEEP_ALL = CheckpointPolicy()
@@ -28,8 +28,10 @@ class FakeStore:
     makes every call raise (the store never comes back).
     """
 
-    def __init__(self, delay: float = 0.0, fail_times: int = 0, always_fail: bool = False):
+    def __init__(self, delay: float = 0.0, fail_times: int = 0, always_fail: bool = False, copies: bool = True):
         self.delay = delay
+        self.copies = copies
+        self.copied: list[tuple[str, str]] = []  # (source, destination) of every copy asked for
         self.fail_times = fail_times
         self.always_fail = always_fail
         self.objects: dict[str, bytes] = {}
@@ -50,6 +52,17 @@ class FakeStore:
                 self.fail_times -= 1
                 raise ConnectionError(f"transient failure storing {key}")
             self.objects[key] = Path(local_file).read_bytes()
+
+    def copy_within_run(self, source: str, artifact_path: str, name: str) -> bool:
+        """A server-side copy, as the MLflow server makes it (``copies=False``: a server that makes none)."""
+        with self.lock:
+            self.copied.append((source, f"{artifact_path}/{name}"))
+            if not self.copies:
+                return False
+            if source not in self.objects:
+                raise ArtifactMissingError(source)
+            self.objects[f"{artifact_path}/{name}"] = self.objects[source]
+            return True
 
     def delete_artifacts(self, artifact_path: str | None = None) -> None:
         with self.lock:
@@ -104,12 +117,13 @@ def test_submit_blocks_only_when_the_queue_is_full_and_nothing_is_dropped(tmp_pa
     for path in manifests:
         own = [i for i, k in enumerate(store.calls) if k.startswith(path + "/")]
         assert store.calls[own[-1]] == f"{path}/{MANIFEST_NAME}"
-    # Dedup: config.json (identical every step) is uploaded once, under the first checkpoint.
-    assert [k for k in store.objects if k.endswith("config.json")] == ["checkpoints/step-00000001/config.json"]
+    # config.json (identical every step) is sent once; every later folder gets it by a server-side
+    # copy, so each folder is whole and its manifest lists only its own objects.
+    assert [k for k in store.calls if k.endswith("config.json")] == ["checkpoints/step-00000001/config.json"]
     for path, m in manifests.items():
-        entry = {e["path"]: e for e in m["files"]}["config.json"]
-        assert entry["stored_at"] == "checkpoints/step-00000001/config.json"
-        assert entry["stored_at"] in store.objects
+        assert {e["stored_at"] for e in m["files"]} == {f"{path}/config.json", f"{path}/model.safetensors"}
+        assert store.objects[f"{path}/config.json"] == b'{"same": "every step"}'
+    assert uploader.stats.deduplicated_bytes == 4 * len(b'{"same": "every step"}')
     # Snapshots of stored checkpoints are removed; the Trainer's own folders are left alone.
     assert not any((tmp_path / "snapshots").iterdir())
     assert all((tmp_path / f"checkpoint-{s}").is_dir() for s in range(1, 6))
@@ -235,7 +249,7 @@ def test_transfers_are_few_while_training_keeps_up_and_all_at_once_when_it_waits
     assert limit.limit == 8  # the final drain: training waits for it
     step1, step2 = "checkpoints/step-00000001", "checkpoints/step-00000002"
     assert seen[0][1] == 2  # step 1's first file: at the background pace
-    assert most_in_flight[step2] == 2  # model.safetensors and tokenizer.json at once (config.json: dedup)
+    assert most_in_flight[step2] == 2  # model.safetensors and tokenizer.json at once (config.json: copied)
     assert all(parts == 8 for path, parts in seen if path.startswith(step2))
     assert sorted(store.manifests()) == [step1, step2]
 
@@ -285,7 +299,8 @@ def test_only_same_size_files_wait_for_their_hash_and_dedup_still_holds(tmp_path
     assert events.index(("hashed", "config.json")) < events.index(("uploaded", "model.safetensors"))
     manifest = store.manifests()["checkpoints/step-00000002"]
     files = {f["path"]: f for f in manifest["files"]}
-    assert files["config.json"]["stored_at"] == "checkpoints/step-00000001/config.json"
+    assert files["config.json"]["stored_at"] == "checkpoints/step-00000002/config.json"  # copied, not referenced
+    assert store.copied == [("checkpoints/step-00000001/config.json", "checkpoints/step-00000002/config.json")]
     weights = b"weights two, a new size"
     assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert files["model.safetensors"]["crc32"] == f"{zlib.crc32(weights):08x}"

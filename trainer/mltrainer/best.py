@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mltrainer.checkpoint_models import MODEL_TYPE
 from mltrainer.errors import EXIT_CONFIG, EXIT_TRACKING, MltrainerError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ def find_logged_model_uri(client, run) -> str:
                                              filter_string=f"source_run_id='{run_id}'", output_format="list")
     except MlflowException as exc:
         raise RegistryError(f"could not search the logged models of run {run_id}: {_first_line(exc)}") from None
-    models = [m for m in models if getattr(m, "name", None) == "model"] or list(models)
+    # Not a checkpoint's model (checkpoint_models): those are folders, registered by best --checkpoints.
+    models = [m for m in models if getattr(m, "model_type", None) != MODEL_TYPE]
+    models = [m for m in models if getattr(m, "name", None) == "model"] or models
     if models:
         newest = max(models, key=lambda m: getattr(m, "creation_timestamp", 0) or 0)
         return newest.model_uri

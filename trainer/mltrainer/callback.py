@@ -68,6 +68,7 @@ class StoreCheckpointsCallback(TrainerCallback):
         self.snapshot_root = snapshot_root
         self.is_main = is_main
         self._metrics_by_step: dict[int, dict[str, float]] = {}
+        self._logged_at: dict[int, dict[str, int]] = {}  # step -> metric key -> timestamp this process logged
         # After a resume, steps between the checkpoint and the crash were logged already: log
         # each (metric, step) once, so the history has no duplicates.
         self._already_logged = already_logged or {}
@@ -100,10 +101,15 @@ class StoreCheckpointsCallback(TrainerCallback):
         metrics = tracking.numeric_metrics(logs)
         self._metrics_by_step.setdefault(step, {}).update(metrics)
         fresh = {k: v for k, v in metrics.items() if step > self._already_logged.get(k, -1)}
-        tracking.log_metrics(self.client, self.run_id, fresh, step)
+        ts = tracking.log_metrics(self.client, self.run_id, fresh, step)
+        self._logged_at.setdefault(step, {}).update(dict.fromkeys(fresh, ts))
 
     def metrics_at(self, step: int) -> dict[str, float]:
         return dict(self._metrics_by_step.get(step, {}))
+
+    def logged_at(self, step: int) -> dict[str, int]:
+        """Metric key -> timestamp (ms) of the points this process logged at ``step``."""
+        return dict(self._logged_at.get(step, {}))
 
     def on_save(self, args, state, control, **kwargs):
         if not self.is_main or self.uploader is None:

@@ -244,6 +244,10 @@ def _best(argv: list[str]) -> int:
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.x = '1'\"")
     parser.add_argument("--top", type=int, default=5, help="how many runs to show (default 5)")
     parser.add_argument("--all-statuses", action="store_true", help="also consider unfinished and failed runs")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="rank the runs' checkpoints (each at its step) instead of the runs' final metrics")
+    parser.add_argument("--parent-run", metavar="RUN_ID",
+                        help="with --checkpoints: only the checkpoints of this run's children (a sweep's trials)")
     parser.add_argument("--register", metavar="MODEL_NAME", help="register the best run's model under this name")
     parser.add_argument("--alias", default=RegisteredModelConfig.alias,
                         help=f"alias for the registered version (default {RegisteredModelConfig.alias})")
@@ -260,6 +264,21 @@ def _best(argv: list[str]) -> int:
     from mltrainer.tracking import check_server
 
     client = mlflow.tracking.MlflowClient()
+    if args.parent_run and not args.checkpoints:
+        parser.error("--parent-run needs --checkpoints")
+
+    def rank_checkpoints_and_register() -> None:
+        from mltrainer.best_checkpoint import format_checkpoints, rank_checkpoints, register_checkpoint
+
+        check_server(client)
+        ranked = rank_checkpoints(client, args.experiment, args.metric, args.mode, args.top, args.parent_run)
+        print(format_checkpoints(ranked, args.metric))
+        best = ranked[0]
+        print(f"\nBest: checkpoint {best.store_path} of run {best.run_id} {args.metric}={best.value:.6g}")
+        if args.register:
+            version = register_checkpoint(client, best, args.register, args.alias)
+            print(f"Registered runs:/{best.run_id}/{best.store_path} as {args.register} version {version} "
+                  f"(@{args.alias})")
 
     def rank_and_register() -> None:
         check_server(client)
@@ -275,7 +294,7 @@ def _best(argv: list[str]) -> int:
             version, uri = register_best(client, best, args.register, args.alias)
             print(f"Registered {uri} as {args.register} version {version} (@{args.alias})")
 
-    _, code = _guarded(rank_and_register)
+    _, code = _guarded(rank_checkpoints_and_register if args.checkpoints else rank_and_register)
     return code or 0
 
 

@@ -2,9 +2,12 @@
 
 A checkpoint in the store is trusted only once its manifest is there, and the manifest is
 uploaded last; so a crash mid-upload leaves a checkpoint without a manifest, which readers
-treat as absent. The manifest also carries deduplication (as W&B artifacts do): a file whose
-digest is already stored in the run (tokenizer files, unchanged config) is not uploaded again;
-its entry points at the existing object through ``stored_at``.
+treat as absent. Each entry says where its bytes are stored (``stored_at``). The uploader today
+stores every file inside the checkpoint's own folder (an unchanged file is copied there by the
+server, not sent again: see uploader), so a folder is whole on its own. Manifests written before
+that point at an identical object in an older folder instead (deduplication by reference, as W&B
+artifacts do); ``build_manifest(stored_digests=...)`` still writes that form, and every reader
+(resume, verify, retention, backups, gc) follows ``stored_at`` either way.
 
 Each file has two checksums, taken in one read: sha256, its identity for deduplication, and
 CRC-32, which a download is checked against (a third of the CPU; see ``checksum``). Manifests

@@ -213,12 +213,13 @@ def flush_metrics() -> None:
     mlflow.flush_async_logging()
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Asynchronous: the training loop never waits on this HTTP call."""
-    if not metrics:
-        return
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> int:
+    """Asynchronous: the training loop never waits on this HTTP call. Returns the timestamp (ms)
+    the points carry (a checkpoint's model links them again with it: checkpoint_models)."""
     ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()], synchronous=False)
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()], synchronous=False)
+    return ts
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

@@ -44,6 +44,10 @@ MAX_PARTS = 10_000  # S3's limit on parts of one multipart upload
 # (more page faults too); 64 KiB pays Python's per-block overhead (bench/, 2 cores).
 READ_SIZE = 256 * 1024
 TIMEOUT = (10, 300)  # connect, read (seconds)
+# Server-side copies (mlstack.patches.artifact_copy): the request header naming the source, and the
+# answer's header saying the server made the copy.
+COPY_FROM_HEADER = "X-Mlstack-Copy-From"
+COPIED_HEADER = "X-Mlstack-Copied"
 
 
 class DirectTransferError(RuntimeError):
@@ -125,6 +129,7 @@ class RunArtifacts:
         self.part_size = part_size
         self.direct_min_size = direct_min_size
         self._direct_disabled = False
+        self._copy_unsupported = False  # the server answered a copy request without copying
         self._sessions = threading.local()
 
     @classmethod
@@ -220,6 +225,34 @@ class RunArtifacts:
                 raise
         finally:
             os.close(fd)
+
+    # -- server-side copy ------------------------------------------------------------------------
+
+    def copy_within_run(self, source: str, artifact_path: str, name: str) -> bool:
+        """Have the server copy ``source`` (a file of this run, relative to its root) to
+        ``artifact_path/name``, inside S3; True when it did.
+
+        False means no copy was made and the caller must send the bytes: the store is not the
+        tracking server's (a local file store), or the server does not make copies (it answers
+        without ``COPIED_HEADER``: an older server, which stored the empty body at the
+        destination, to be overwritten by the upload that follows). Any other failure raises, as
+        an upload does, so the caller's retries apply.
+        """
+        if not self._http or self._copy_unsupported:
+            return False
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        endpoint = posixpath.join("/", artifact_path, name)
+        resp = http_request(self.repo._host_creds, endpoint, "PUT", data=b"",
+                            extra_headers={COPY_FROM_HEADER: source})
+        _raise_if_missing(resp, source)
+        augmented_raise_for_status(resp)
+        if resp.headers.get(COPIED_HEADER) != "1":
+            logger.warning("the MLflow server makes no server-side copies (mlstack's artifact_copy patch): "
+                           "unchanged checkpoint files are sent again")
+            self._copy_unsupported = True
+            return False
+        return True
 
     # -- download --------------------------------------------------------------------------------
 

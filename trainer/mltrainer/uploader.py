@@ -6,9 +6,17 @@
   ``submit`` only blocks when the queue is full, and then says for how long it waited. A
   checkpoint is never dropped.
 - A checkpoint is complete in the store only once its manifest is there; the manifest goes last.
-  Files byte-identical to one already stored in the run are not uploaded again: the manifest
-  points at the stored copy. The digest index is updated only after a successful upload, so a
-  failed upload is retried in full.
+- Every checkpoint folder is whole: its manifest lists only objects inside it, so a folder
+  downloaded from the UI loads on its own. A file byte-identical to one already stored in the run
+  (config.json, tokenizer files) is still not sent again: the MLflow server copies the stored
+  object inside S3 (``RunArtifacts.copy_within_run``; a server that cannot gets the bytes). The
+  digest index is updated only after a successful upload, so a failed upload is retried in full.
+- Runs stored before folders were whole have manifests whose ``stored_at`` points into an older
+  folder (deduplication by reference). They still resume and evict: an object is deleted only
+  once no kept manifest lists it.
+- ``on_stored`` runs after each checkpoint is complete and retention has acted; ``on_evicting``
+  before an evicted checkpoint's manifest goes (mltrainer.checkpoint_models keeps one MLflow
+  LoggedModel per complete checkpoint through them).
 - While training runs and the uploads keep up, files go up one at a time and each
   ``background_parts`` parts at a time (given the store's ``InFlightLimit``), so uploads take the
   host's cores in small sips rather than bursts; once training waits on them (``close``, or
@@ -37,7 +45,7 @@ from mltrainer.errors import EXIT_UPLOAD, MltrainerError
 from mltrainer.config import UploadConfig
 from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
 from mltrainer.policy import CheckpointPolicy, RetentionState
-from mltrainer.transfer import InFlightLimit
+from mltrainer.transfer import ArtifactMissingError, InFlightLimit
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ class ArtifactStore(Protocol):
     def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None: ...
 
     def delete_artifacts(self, artifact_path: str | None = None) -> None: ...
+
+    def copy_within_run(self, source: str, artifact_path: str, name: str) -> bool: ...
 
 
 class UploadError(MltrainerError):
@@ -74,7 +84,7 @@ class UploadJob:
 @dataclass
 class UploadStats:
     uploaded_bytes: int = 0
-    deduplicated_bytes: int = 0
+    deduplicated_bytes: int = 0  # identical to a stored file: copied by the server, not sent
     checkpoints: int = 0
     waits: list[float] = field(default_factory=list)  # seconds training waited on a full queue, per save
     final_wait_s: float = 0.0  # seconds close() waited for the uploads still queued or running
@@ -113,6 +123,7 @@ class CheckpointUploader:
         max_retries: int = UploadConfig.max_retries,
         backoff_seconds: float = UploadConfig.backoff_seconds,
         on_stored: Callable[[Manifest, RetentionState], None] | None = None,
+        on_evicting: Callable[[str], None] | None = None,
         concurrency: int = 4,
         part_limit: InFlightLimit | None = None,
         background_parts: int = UploadConfig.background_parts,
@@ -123,6 +134,7 @@ class CheckpointUploader:
         self.max_retries = max_retries
         self.backoff_seconds = backoff_seconds
         self.on_stored = on_stored
+        self.on_evicting = on_evicting
         self.concurrency = max(1, concurrency)
         self.stats = UploadStats()
         self._part_limit = part_limit
@@ -317,12 +329,14 @@ class CheckpointUploader:
                 self._in_flight = None
                 self._queue.task_done()
 
-    def _retry(self, what: str, action: Callable[[], None]) -> None:
+    def _retry(self, what: str, action: Callable[[], Any]) -> Any:
+        """``action()``'s result, retried with backoff; a missing object is final (not retried)."""
         delay = self.backoff_seconds
         for attempt in range(1, self.max_retries + 2):
             try:
-                action()
-                return
+                return action()
+            except ArtifactMissingError:
+                raise
             except Exception as exc:  # noqa: BLE001 - network errors come in many types
                 if attempt > self.max_retries:
                     raise
@@ -334,16 +348,18 @@ class CheckpointUploader:
     def _store_checkpoint(self, job: UploadJob) -> None:
         files = checkpoint_files(job.snapshot)
         # A resumed run saves a step it stored before at the same path: those objects are about
-        # to be overwritten, so no file of the new checkpoint may point at them.
+        # to be overwritten, so none of them may be the source of a copy.
         own = job.store_path.rstrip("/") + "/"
         stored_digests = {digest: at for digest, at in self._digests.items() if not at.startswith(own)}
         # Hashing takes 0.76 CPU-s per GB (bench/); only a file with the size of one already stored can
-        # be deduplicated, so only those are hashed before their upload is decided. Every other
-        # file starts up at once and is hashed meanwhile, for the manifest that goes last.
+        # be a copy, so only those are hashed before their transfer is decided. Every other file
+        # starts up at once and is hashed meanwhile, for the manifest that goes last.
         sizes = {rel: local.stat().st_size for rel, local in files}
         stored_sizes = {e.size for m in self._manifests.values() for e in m.files if e.sha256 in stored_digests}
         digests: dict[str, FileDigest] = {rel: file_digest(local) for rel, local in files if sizes[rel] in stored_sizes}
-        to_upload = [rel for rel, _ in files if rel not in digests or digests[rel].sha256 not in stored_digests]
+        copies = {rel: stored_digests[d.sha256] for rel, d in digests.items() if d.sha256 in stored_digests}
+        to_upload = [rel for rel, _ in files if rel not in copies]
+        moved = {"sent": 0, "copied": 0}  # bytes of this checkpoint, for its log line
 
         def upload(rel: str) -> None:
             local = job.snapshot / rel
@@ -352,58 +368,86 @@ class CheckpointUploader:
                 self._retry(f"upload of {job.store_path}/{rel}", lambda: self.store.log_artifact(str(local), parent))
             with self._lock:
                 self.stats.uploaded_bytes += sizes[rel]
+                moved["sent"] += sizes[rel]
+
+        def copy(rel: str) -> None:
+            parent, name = os.path.split(f"{job.store_path}/{rel}")
+            with self._file_limit:
+                try:
+                    copied = self._retry(f"copy of {copies[rel]} to {parent}/{name}",
+                                         lambda: self.store.copy_within_run(copies[rel], parent, name))
+                except ArtifactMissingError:
+                    copied = False  # the stored copy is gone (deleted behind our back): send the bytes
+            if not copied:
+                upload(rel)
+                return
+            with self._lock:
+                self.stats.deduplicated_bytes += sizes[rel]
+                moved["copied"] += sizes[rel]
 
         # When training waits, the files of one checkpoint go up side by side (largest first):
         # the small files' round trips through the server (a dozen in a Trainer checkpoint,
         # most of the final wait) hide behind the large ones. The manifest still goes last,
         # after every file succeeded.
+        transfers = [(upload, rel) for rel in to_upload] + [(copy, rel) for rel in copies]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash",
                                 initializer=_lower_thread_priority) as hasher:
             hashed = hasher.submit(lambda: {rel: file_digest(local) for rel, local in files if rel not in digests})
-            if self.concurrency > 1 and len(to_upload) > 1:
-                to_upload.sort(key=sizes.__getitem__, reverse=True)
+            if self.concurrency > 1 and len(transfers) > 1:
+                transfers.sort(key=lambda t: sizes[t[1]], reverse=True)
                 with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="checkpoint-upload") as pool:
-                    for future in [pool.submit(upload, rel) for rel in to_upload]:
+                    for future in [pool.submit(action, rel) for action, rel in transfers]:
                         future.result()
             else:
-                for rel in to_upload:
-                    upload(rel)
+                for action, rel in transfers:
+                    action(rel)
             digests.update(hashed.result())
+        # Every file is now stored inside this checkpoint's own folder: no stored_digests.
         manifest = build_manifest(job.snapshot, step=job.step, metrics=job.metrics, store_path=job.store_path,
-                                  stored_digests=stored_digests, digests=digests)
-        if {e.path for e in manifest.files_to_upload()} != set(to_upload):  # a manifest naming a missing object
-            raise RuntimeError(f"{job.store_path}: the uploaded files and the manifest disagree; manifest not stored")
-        self.stats.deduplicated_bytes += manifest.total_bytes - sum(e.size for e in manifest.files_to_upload())
+                                  digests=digests)
+        if {e.path for e in manifest.files} != set(to_upload) | set(copies):  # a manifest naming a missing object
+            raise RuntimeError(f"{job.store_path}: the stored files and the manifest disagree; manifest not stored")
         with tempfile.TemporaryDirectory() as tmp:
             manifest_file = Path(tmp) / MANIFEST_NAME
             manifest_file.write_text(manifest.to_json())
             self._retry(f"upload of {job.store_path}/{MANIFEST_NAME}",
                         lambda: self.store.log_artifact(str(manifest_file), job.store_path))
+        logger.info("stored checkpoint %s: %d bytes sent, %d bytes of unchanged files copied by the server",
+                    job.store_path, moved["sent"], moved["copied"])
         self._manifests[job.store_path] = manifest
         self._digests.update(manifest.digest_index())
         self.retention.record_stored(job.store_path, job.step, job.metrics)
         self.stats.checkpoints += 1
         self._apply_retention()
         if self.on_stored is not None:
-            self.on_stored(manifest, self.retention)
+            self._retry(f"on_stored({job.store_path})", lambda: self.on_stored(manifest, self.retention))
 
     def _apply_retention(self) -> None:
         for path in self.retention.evictions(self.policy):
             self._delete_checkpoint(path)
 
     def _delete_checkpoint(self, path: str) -> None:
-        """Manifest first, so the checkpoint stops counting as complete before any file goes.
+        """Its LoggedModel and manifest first, so the checkpoint stops being listed and counting as
+        complete before any file goes; then its folder, whole.
 
-        Files that a kept checkpoint's manifest points at (dedup) stay where they are.
+        A kept checkpoint of the earlier layout may list objects by reference (``stored_at`` in
+        this folder): those stay, and so this folder, until no kept manifest lists them. Objects
+        this manifest lists in other folders (that layout again, a folder evicted earlier) go as
+        soon as no kept manifest lists them: no evicted folder is left holding files forever.
         """
         manifest = self._manifests.pop(path, None)
+        if self.on_evicting is not None:
+            self._retry(f"on_evicting({path})", lambda: self.on_evicting(path))
         self._retry(f"delete of {path}/{MANIFEST_NAME}", lambda: self.store.delete_artifacts(f"{path}/{MANIFEST_NAME}"))
-        still_referenced = {e.stored_at for m in self._manifests.values() for e in m.files}
-        own_files = [e for e in manifest.files if e.stored_at.startswith(path + "/")] if manifest else []
-        for entry in own_files:
-            if entry.stored_at in still_referenced:
-                continue
-            self._retry(f"delete of {entry.stored_at}", lambda: self.store.delete_artifacts(entry.stored_at))
-            self._digests = {d: p for d, p in self._digests.items() if p != entry.stored_at}
+        kept = {e.stored_at for m in self._manifests.values() for e in m.files}
+        inside = path.rstrip("/") + "/"
+        folder_still_listed = any(at.startswith(inside) for at in kept)
+        if not folder_still_listed:
+            self._retry(f"delete of {path}", lambda: self.store.delete_artifacts(path))
+        for stored_at in [e.stored_at for e in manifest.files] if manifest else []:
+            gone_with_folder = stored_at.startswith(inside) and not folder_still_listed
+            if stored_at not in kept and not gone_with_folder:
+                self._retry(f"delete of {stored_at}", lambda: self.store.delete_artifacts(stored_at))
+        self._digests = {d: at for m in self._manifests.values() for d, at in m.digest_index().items()}
         self.retention.mark_deleted(path)
         logger.info("retention: deleted checkpoint %s from the store", path)
