@@ -7,6 +7,10 @@
     run without touching the real databases (opening the real auth database would migrate it).
 ``python -m mlstack.upgrade migrate`` runs ``mlflow db upgrade`` on the tracking database and
     MLflow's auth migrations on the auth database, each only when it is behind, and times them.
+``python -m mlstack.upgrade prepare`` makes the databases ready for servers that start together
+    (Kubernetes replicas): ``migrate``, then what a server does before it serves on an empty
+    database (the auth database, both schemas, the admin account), done once so that no two
+    servers create a schema at the same moment (MLflow fails when they do).
 
 Both read the same environment variables as the server entrypoint (``mlstack.settings``). The
 orchestration around them (stop the old server, back up, migrate, start the new one) is
@@ -161,9 +165,32 @@ def migrate(env: dict[str, str]) -> dict[str, float]:
     return timings
 
 
+def prepare(env: dict[str, str]) -> None:
+    """Everything a server does to the databases before it serves, once, ahead of all servers.
+
+    Each server still runs the same steps at its start (mlstack.mlflow_server); after this they
+    find the databases made and change nothing, so replicas may start at the same moment. Like
+    ``migrate``, run it after a backup and with no server of an older MLflow writing (README,
+    Kubernetes).
+    """
+    from mlstack import mlflow_server as server
+
+    server.wait_for_database(env)
+    server.ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
+    migrate(env)
+    server.prepare_schema(env)  # creates the tracking schema when empty
+    with tempfile.TemporaryDirectory(prefix="mlstack-prepare-") as tmp:
+        # The auth schema and the admin account, the way the server makes them at its start.
+        server.bootstrap_admin(server.server_environment(env, server.write_auth_config(env, Path(tmp))))
+    for st in schema_state.inspect(*database_uris(env)):
+        if st.standing is not Standing.CURRENT:
+            raise UpgradeRefused(f"after preparing, {st.describe()}")
+        log(st.describe())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlstack.upgrade", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("check", "migrate"))
+    parser.add_argument("step", choices=("check", "migrate", "prepare"))
     args = parser.parse_args(argv)
     env = dict(os.environ)
     try:
@@ -171,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             var.get(env)  # name a missing variable before connecting anywhere
         if args.step == "check":
             check(env)
-        else:
+        elif args.step == "migrate":
             migrate(env)
+        else:
+            prepare(env)
     except (UpgradeRefused, s.SettingsError) as exc:
         print(f"upgrade refused: {exc}", file=sys.stderr)
         return 1
