@@ -177,6 +177,9 @@ def prepare(env: dict[str, str]) -> None:
 
     server.wait_for_database(env)
     server.ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
+    if any(st.standing is Standing.BEHIND for st in schema_state.inspect(*database_uris(env))):
+        # An upgrade: as `make upgrade` does, refuse before migrating when the new server would not start.
+        check(env)
     migrate(env)
     server.prepare_schema(env)  # creates the tracking schema when empty
     with tempfile.TemporaryDirectory(prefix="mlstack-prepare-") as tmp:

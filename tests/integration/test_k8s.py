@@ -33,8 +33,8 @@ K8S_DIR = REPO / "infra" / "k8s"
 SECRETS_EXAMPLE = K8S_DIR / "secrets.example"
 README = REPO / "README.md"
 # The oldest and the newest Kubernetes kubernetes-validate carries schemas for: a field one of them
-# lacks (added later, or removed since) fails there; both ends take a second, every version in
-# between seven. (batch/v1 CronJob and policy/v1 PodDisruptionBudget need 1.21 at least.)
+# lacks (added later, or removed since) fails there. Both ends take about a second, all thirteen
+# versions seven. (batch/v1 CronJob and policy/v1 PodDisruptionBudget need 1.21 at least.)
 OLDEST_KUBERNETES = "1.25"
 KUBERNETES_VERSIONS = [OLDEST_KUBERNETES, kv_utils.major_minor(kv_utils.latest_version())]
 
@@ -144,6 +144,11 @@ def test_the_schema_check_fails_on_a_broken_manifest(tmp_path, rendered):
     job["spec"]["backoffLimit"] = "none"
     assert schema_errors([job], [OLDEST_KUBERNETES]) == [
         "Job/mlflow-migrate on Kubernetes 1.25: spec.backoffLimit: 'none' is not of type 'integer', 'null'"]
+    # An API Kubernetes no longer serves (batch/v1beta1 CronJob went in 1.25) has no schema: an error.
+    cronjob = {**workload(rendered, "CronJob", "mlflow-gc"), "apiVersion": "batch/v1beta1"}
+    assert schema_errors([cronjob], KUBERNETES_VERSIONS) == [
+        f"Couldn't find schema for kind CronJob with api version batch/v1beta1 for kubernetes version {v}"
+        for v in KUBERNETES_VERSIONS]
 
 
 def test_every_compose_service_runs_here_or_is_said_why_not(rendered):
