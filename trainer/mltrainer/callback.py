@@ -19,6 +19,8 @@ from mltrainer.lease import LeaseKeeper
 from mltrainer.limits import NameTooLongError
 from mltrainer.monitor import MonitorWatch
 from mltrainer.naming import DEFAULT_PATH_TEMPLATE, checkpoint_store_path
+from mltrainer.node_upload import NodeFilesUploader, NodeJob
+from mltrainer.nodes import NodeGroup, OtherNodesFiles
 from mltrainer.policy import CheckpointPolicy
 from mltrainer.uploader import CheckpointUploader, UploadJob
 
@@ -29,8 +31,9 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_DIR = ".upload-snapshots"
 
 
-def snapshot(src: Path, dst: Path) -> Path:
-    """Hard-link every file of ``src`` into ``dst`` (copy when links are impossible).
+def snapshot(src: Path, dst: Path, only: list[str] | None = None) -> Path:
+    """Hard-link every file of ``src`` (or the relative paths ``only``) into ``dst`` (copy when
+    links are impossible).
 
     A save writes a fresh checkpoint folder, so a link keeps the bytes of this save alive for the
     upload even after rotation deletes ``src``. A ``dst`` already there can only be a dead process's
@@ -38,14 +41,15 @@ def snapshot(src: Path, dst: Path) -> Path:
     """
     if dst.exists():
         shutil.rmtree(dst)
-    for root, _dirs, files in os.walk(src):
-        target = dst / Path(root).relative_to(src)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            try:
-                os.link(Path(root) / name, target / name)
-            except OSError:
-                shutil.copy2(Path(root) / name, target / name)
+    if only is None:
+        only = [str((Path(root) / name).relative_to(src)) for root, _dirs, files in os.walk(src) for name in files]
+    dst.mkdir(parents=True, exist_ok=True)
+    for rel in only:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, dst / rel)
+        except OSError:
+            shutil.copy2(src / rel, dst / rel)
     return dst
 
 
@@ -60,8 +64,13 @@ class ReachedMaxSteps(Exception):
 class StoreCheckpointsCallback(TrainerCallback):
     def __init__(self, *, client, run_id: str, policy: CheckpointPolicy, uploader: CheckpointUploader | None,
                  snapshot_root: Path, is_main: bool, already_logged: dict[str, int] | None = None,
-                 lease: LeaseKeeper | None = None):
+                 lease: LeaseKeeper | None = None, nodes: NodeGroup | None = None,
+                 node_uploader: NodeFilesUploader | None = None):
         self.client = client
+        # Several processes (torchrun): every save is shared out among the nodes (mltrainer.nodes);
+        # ``node_uploader`` stores this node's share on a node other than the main process's.
+        self.nodes = nodes
+        self.node_uploader = node_uploader
         self.run_id = run_id
         self.policy = policy
         self.uploader = uploader
@@ -112,35 +121,61 @@ class StoreCheckpointsCallback(TrainerCallback):
         return dict(self._logged_at.get(step, {}))
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.is_main or self.uploader is None:
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        store_path = self._store_path(args, state, local) if self.is_main and self.uploader is not None else None
+        if self.nodes is None:
+            if store_path is not None:
+                self._submit(local, store_path, state)
             return
+        # Every rank, in the same order: which files of this save each node stores.
+        share = self.nodes.share_checkpoint(local, store_path)
+        if share is None:
+            return
+        me = self.nodes.topology
+        if self.is_main:
+            others = {node: files for node, files in share.files.items() if node != me.node}
+            self._submit(local, store_path, state, only=share.files.get(me.node, []),
+                         other_nodes=OtherNodesFiles(store_path, others, self.nodes.reports))
+        elif self.node_uploader is not None and (mine := share.files.get(me.node)):
+            snap = snapshot(local, self.snapshot_root / f"step-{step}", only=mine)
+            self.node_uploader.submit(NodeJob(snap, local, share.store_path, mine))
+
+    def _store_path(self, args, state, local: Path) -> str | None:
+        """Where this save goes in the store, or None when the policy keeps it local only."""
         step = state.global_step
         metrics = self.metrics_at(step)
         is_final = state.max_steps > 0 and step >= state.max_steps
         self.monitor_watch.at_save(step, metrics)
         if not self.uploader.retention.should_upload(self.policy, step, is_final, metrics):
-            return
-        local = Path(args.output_dir) / f"checkpoint-{step}"
+            return None
         if not local.is_dir():
             logger.warning("no checkpoint folder at %s after a save; nothing to upload", local)
-            return
+            return None
         try:
-            store_path = checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch,
-                                               metrics=metrics)
+            return checkpoint_store_path(self.policy.path_template, step=step, epoch=state.epoch, metrics=metrics)
         except NameTooLongError as exc:
             # A metric beyond what the config check assumed (a loss of 1e300 under {eval_loss:.4f}):
             # the store could not read that name back, and a checkpoint is never dropped.
             store_path = checkpoint_store_path(DEFAULT_PATH_TEMPLATE, step=step)
             logger.warning("%s; this checkpoint is stored as %s instead", exc, store_path)
+            return store_path
+
+    def _submit(self, local: Path, store_path: str, state, only: list[str] | None = None,
+                other_nodes: OtherNodesFiles | None = None) -> None:
+        step = state.global_step
         # Metrics are sent in buffered batches: get those up to this step stored before the
         # checkpoint can become complete, or a crash could leave a resumable checkpoint whose
         # last steps are missing from the history for good (resume does not redo them).
         tracking.flush_metrics()
-        snap = snapshot(local, self.snapshot_root / f"step-{step}")
-        waited = self.uploader.submit(UploadJob(snap, local, store_path, step, metrics))
+        snap = snapshot(local, self.snapshot_root / f"step-{step}", only=only)
+        waited = self.uploader.submit(UploadJob(snap, local, store_path, step, self.metrics_at(step),
+                                                other_nodes=other_nodes))
         if waited > 0:
             tracking.log_metrics(self.client, self.run_id, {"upload_wait_seconds": waited}, step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.is_main and self.uploader is not None:
             self.uploader.close(progress=True)
+        if self.node_uploader is not None:
+            self.node_uploader.close()

@@ -244,13 +244,16 @@ def build_manifest(
     stored_digests: Mapping[str, str] | None = None,
     created_at: datetime | None = None,
     digests: Mapping[str, FileDigest] | None = None,
+    elsewhere: Mapping[str, FileDigest] | None = None,
 ) -> Manifest:
     """Hash every file in ``folder`` and describe it as the checkpoint at ``store_path``.
 
     ``stored_digests`` maps sha256 -> store path of an identical object already stored in this
     run; such files get that path as ``stored_at`` and are not uploaded again. All others get
     ``f"{store_path}/{relpath}"``. ``created_at`` defaults to now (UTC). ``digests`` (relative
-    path -> ``file_digest``) spares hashing the files a caller already hashed.
+    path -> ``file_digest``) spares hashing the files a caller already hashed. ``elsewhere``
+    (relative path -> digest) lists files of this checkpoint that are not in ``folder``: those
+    another node of a multi-node training stored under ``store_path`` (mltrainer.nodes).
 
     Raises:
         ValueError: as ``checkpoint_files``.
@@ -264,6 +267,13 @@ def build_manifest(
         stored_at = stored_digests.get(digest.sha256, f"{store_path}/{relpath}")
         entries.append(ManifestEntry(path=relpath, size=digest.size, sha256=digest.sha256, stored_at=stored_at,
                                      crc32=digest.crc32))
+    local_paths = {e.path for e in entries}
+    for relpath, digest in (elsewhere or {}).items():
+        if relpath in local_paths or relpath == MANIFEST_NAME or not _is_safe_relpath(relpath):
+            raise ValueError(f"{store_path}: file {relpath!r} of another node is also local, reserved or unsafe")
+        entries.append(ManifestEntry(path=relpath, size=digest.size, sha256=digest.sha256,
+                                     stored_at=f"{store_path}/{relpath}", crc32=digest.crc32))
+    entries.sort(key=lambda e: e.path)
     when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return Manifest(
         step=step,

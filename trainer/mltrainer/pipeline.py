@@ -16,6 +16,8 @@ from mltrainer.callback import SNAPSHOT_DIR, StoreCheckpointsCallback
 from mltrainer.checkpoint_models import CheckpointModels
 from mltrainer.config import TrainConfig
 from mltrainer.lease import LeaseKeeper
+from mltrainer.node_upload import NodeFilesUploader
+from mltrainer.nodes import NodeGroup
 from mltrainer.transfer import RunArtifacts
 from mltrainer.uploader import CheckpointUploader
 
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
 @dataclass
 class CheckpointPipeline:
     callback: StoreCheckpointsCallback  # add to the Trainer's callbacks
-    uploader: CheckpointUploader | None  # None on ranks other than 0: only the main process uploads
+    uploader: CheckpointUploader | None  # None on ranks other than 0: only the main process writes manifests
+    # Multi-node training, on each other node's local rank 0: stores the files only that node has.
+    node_uploader: NodeFilesUploader | None = None
 
 
 def build_checkpoint_pipeline(cfg: TrainConfig, client, run_id: str, run_dir: Path, *, is_main: bool = True,
@@ -58,14 +62,22 @@ def build_checkpoint_pipeline(cfg: TrainConfig, client, run_id: str, run_dir: Pa
         )
         if resume is not None:
             uploader.adopt(resume.manifests)
+    nodes = NodeGroup.if_distributed()
+    node_uploader = None
+    if nodes is not None and nodes.topology.is_node_leader and not is_main:
+        node_uploader = NodeFilesUploader(
+            RunArtifacts.of_run(client, run_id), nodes.reports, nodes.topology.node, queue_size=cfg.upload.queue_size,
+            max_retries=cfg.upload.max_retries, backoff_seconds=cfg.upload.backoff_seconds,
+        )
     tracking.buffer_metrics(cfg.tracking.metrics_flush_seconds)
     callback = StoreCheckpointsCallback(
         client=client, run_id=run_id, policy=cfg.checkpoints, uploader=uploader,
         snapshot_root=run_dir / SNAPSHOT_DIR, is_main=is_main,
         already_logged=resume.logged_steps if resume else None, lease=lease,
+        nodes=nodes, node_uploader=node_uploader,
     )
     if is_main and resume is not None:
         # A run stored before checkpoints were models, or one that died between a manifest and
         # its model: one model per complete checkpoint from here on.
         models.reconcile(resume.manifests, resume.retention)
-    return CheckpointPipeline(callback=callback, uploader=uploader)
+    return CheckpointPipeline(callback=callback, uploader=uploader, node_uploader=node_uploader)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,12 +131,15 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
             run_id = tracking.create_run(client, cfg, run_name, parent_run_id=parent_run_id,
                                          extra_tags={**(extra_tags or {}), **lease.initial_tags()})
             lease.hold(run_id)
-    run_id, run_name, resume_dir = share((run_id, run_name, str(point.local_dir) if point else None))
+    run_id, run_name, resume_from = share((run_id, run_name, point.checkpoint.to_json() if point else None))
     run_dir = Path(cfg.output_root).resolve() / run_dir_name(run_name, run_id)
     args.output_dir = str(run_dir)
+    # Every node needs the checkpoint on its own disk (no shared filesystem): the main process
+    # downloaded it, each other node's local rank 0 fetches the same one.
+    resume_dir = str(fetch_on_every_node(client, run_id, run_dir, point, resume_from)) if resume_from else None
     logger.info("run %s trains in %s%s", run_id, run_dir, f" (resuming from {resume_dir})" if resume_dir else "")
 
-    uploader = monitor = None
+    uploader = node_uploader = monitor = None
     try:
         if main:
             if point is None:
@@ -152,7 +156,7 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
             if cfg.tracking.system_metrics:
                 monitor = system_metrics.start(run_id, client.tracking_uri, resumed=point is not None)
         pipeline = build_checkpoint_pipeline(cfg, client, run_id, run_dir, is_main=main, resume=point, lease=lease)
-        uploader, callback = pipeline.uploader, pipeline.callback
+        uploader, node_uploader, callback = pipeline.uploader, pipeline.node_uploader, pipeline.callback
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset, data_collator=prepared.data_collator,
@@ -166,6 +170,8 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
             logger.info("%s: nothing left to train; finishing run %s", reached, run_id)
             if uploader is not None:
                 uploader.close(progress=False)
+            if node_uploader is not None:
+                node_uploader.close()
         model_uri = None
         if main:
             import mlflow
@@ -192,6 +198,8 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
         if uploader is not None:  # queued checkpoints stored or named, the worker thread stopped
             # Not into a run another process has taken over, and not after Ctrl-C: named instead.
             uploader.end_after_error(exc, store_queued=not isinstance(exc, (KeyboardInterrupt, RunInUseError)))
+        if node_uploader is not None:
+            node_uploader.end_after_error(exc)
         system_metrics.stop(monitor)
         if main and isinstance(exc, RunInUseError):
             raise  # the run is someone else's now: its status is theirs to set
@@ -204,6 +212,37 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
             except Exception:  # noqa: BLE001 - the original error matters more
                 logger.exception("could not mark run %s as failed", run_id)
         raise
+
+
+def fetch_on_every_node(client, run_id: str, run_dir: Path, point, checkpoint_json: str) -> Path:
+    """The checkpoint to resume from, on this node's disk: the main process has it already
+    (``point``); each other node's local rank 0 downloads it (all of it: a rank reads its own
+    ``rng_state_<rank>.pth``, the weights and the optimizer state). Every rank learns whether every
+    node has it before any trains, so a failed download stops all of them with one clear error.
+    """
+    from mltrainer.manifest import Manifest
+    from mltrainer.nodes import NodeGroup
+    from mltrainer.resume import ResumeError, clear_dead_trainers_leftovers, download_checkpoint
+    from mltrainer.transfer import RunArtifacts
+
+    manifest = Manifest.from_json(checkpoint_json)
+    local = run_dir / f"checkpoint-{manifest.step}"
+    nodes = NodeGroup.if_distributed()
+    if nodes is None:
+        return point.local_dir
+    problem = None
+    if point is None and nodes.topology.is_node_leader:
+        if local.exists():
+            shutil.rmtree(local)
+        problem = download_checkpoint(RunArtifacts.of_run(client, run_id), manifest, local)
+        if problem is None:
+            clear_dead_trainers_leftovers(run_dir, manifest.step)
+            logger.info("node %d has checkpoint %s in %s", nodes.topology.node, manifest.store_path, local)
+    problems = nodes.gather((nodes.topology.node, problem))
+    if failed := [f"node {node}: {p}" for node, p in problems if p is not None]:
+        raise ResumeError(f"run {run_id}: checkpoint {manifest.store_path} could not be downloaded on every node "
+                          f"({'; '.join(failed)})")
+    return point.local_dir if point is not None else local
 
 
 def _current_exc() -> BaseException | None:

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -44,6 +45,7 @@ from typing import Any, Callable, Protocol
 from mltrainer.errors import EXIT_UPLOAD, MltrainerError
 from mltrainer.config import UploadConfig
 from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
+from mltrainer.nodes import NodeFilesError, OtherNodesFiles
 from mltrainer.policy import CheckpointPolicy, RetentionState
 from mltrainer.transfer import ArtifactMissingError, InFlightLimit
 
@@ -58,6 +60,8 @@ class ArtifactStore(Protocol):
     def delete_artifacts(self, artifact_path: str | None = None) -> None: ...
 
     def copy_within_run(self, source: str, artifact_path: str, name: str) -> bool: ...
+
+    def list_artifacts(self, path: str | None = None) -> list: ...  # only for other nodes' files
 
 
 class UploadError(MltrainerError):
@@ -79,6 +83,9 @@ class UploadJob:
     store_path: str
     step: int
     metrics: dict[str, Any]
+    # Multi-node training: files of this checkpoint that other nodes store (mltrainer.nodes);
+    # the manifest waits for them.
+    other_nodes: OtherNodesFiles | None = None
 
 
 @dataclass
@@ -103,6 +110,23 @@ def _lower_thread_priority(niceness: int = 10) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError):
         pass
+
+
+def retry(what: str, action: Callable[[], Any], max_retries: int, backoff_seconds: float) -> Any:
+    """``action()``'s result, retried with backoff; a missing object is final (not retried)."""
+    delay = backoff_seconds
+    for attempt in range(1, max_retries + 2):
+        try:
+            return action()
+        except ArtifactMissingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            if attempt > max_retries:
+                raise
+            logger.warning("%s failed (attempt %d/%d): %s; retrying in %.1fs", what, attempt,
+                           max_retries + 1, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 def _local_copy(job: UploadJob) -> Path:
@@ -330,20 +354,7 @@ class CheckpointUploader:
                 self._queue.task_done()
 
     def _retry(self, what: str, action: Callable[[], Any]) -> Any:
-        """``action()``'s result, retried with backoff; a missing object is final (not retried)."""
-        delay = self.backoff_seconds
-        for attempt in range(1, self.max_retries + 2):
-            try:
-                return action()
-            except ArtifactMissingError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - network errors come in many types
-                if attempt > self.max_retries:
-                    raise
-                logger.warning("%s failed (attempt %d/%d): %s; retrying in %.1fs", what, attempt,
-                               self.max_retries + 1, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 60.0)
+        return retry(what, action, self.max_retries, self.backoff_seconds)
 
     def _store_checkpoint(self, job: UploadJob) -> None:
         files = checkpoint_files(job.snapshot)
@@ -402,11 +413,16 @@ class CheckpointUploader:
                 for action, rel in transfers:
                     action(rel)
             digests.update(hashed.result())
+        # Other nodes' files of a multi-node training: their digests once each node says they are stored.
+        elsewhere = job.other_nodes.collect() if job.other_nodes is not None else {}
         # Every file is now stored inside this checkpoint's own folder: no stored_digests.
         manifest = build_manifest(job.snapshot, step=job.step, metrics=job.metrics, store_path=job.store_path,
-                                  digests=digests)
-        if {e.path for e in manifest.files} != set(to_upload) | set(copies):  # a manifest naming a missing object
+                                  digests=digests, elsewhere=elsewhere)
+        if {e.path for e in manifest.files} != set(to_upload) | set(copies) | set(elsewhere):
+            # a manifest naming a missing object
             raise RuntimeError(f"{job.store_path}: the stored files and the manifest disagree; manifest not stored")
+        if elsewhere:
+            self._check_other_nodes_stored(job, manifest, elsewhere)
         with tempfile.TemporaryDirectory() as tmp:
             manifest_file = Path(tmp) / MANIFEST_NAME
             manifest_file.write_text(manifest.to_json())
@@ -421,6 +437,20 @@ class CheckpointUploader:
         self._apply_retention()
         if self.on_stored is not None:
             self._retry(f"on_stored({job.store_path})", lambda: self.on_stored(manifest, self.retention))
+
+    def _check_other_nodes_stored(self, job: UploadJob, manifest: Manifest, elsewhere: dict[str, FileDigest]) -> None:
+        """Each node said its files are in; a listing of the store must show each with its size
+        too: a node's word alone (a bug, an upload that went elsewhere) must not make a
+        checkpoint complete that is not."""
+        from mltrainer.verify import object_problems
+
+        theirs = dataclasses.replace(manifest, files=tuple(e for e in manifest.files if e.path in elsewhere))
+        if problems := object_problems(self.store, [theirs])[manifest.store_path]:
+            node_of = {rel: node for node, rels in job.other_nodes.files.items() for rel in rels}
+            by_path = {e.stored_at: e.path for e in theirs.files}
+            named = [f"node {node_of[by_path[p.split(':')[0]]]}: {p}" for p in problems]
+            raise NodeFilesError(f"{job.store_path}: files other nodes reported stored are not in the store "
+                                 f"({'; '.join(named)}); manifest not stored")
 
     def _apply_retention(self) -> None:
         for path in self.retention.evictions(self.policy):
