@@ -204,3 +204,17 @@ def test_int_bounds_of_a_float_range_are_kept_as_written(tmp_path):
     space = {"training.weight_decay": {"type": "float", "low": 0, "high": 1}}
     spec = load_sweep(sweep_file(tmp_path, {"space": space})).spec
     assert spec.space_json() == '{"training.weight_decay": {"high": 1, "log": false, "low": 0, "type": "float"}}'
+
+
+def test_ray_cluster_address_from_the_sweep_file_else_ray_address(tmp_path, monkeypatch):
+    from mltrainer.sweep.ray_backend import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = load_sweep(sweep_file(tmp_path, {"backend": "ray", "algorithm": "random"})).spec
+    assert cluster_address(local) is None  # a local Ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert cluster_address(local) == "10.0.0.5:6379"
+    named = load_sweep(sweep_file(tmp_path, {"backend": "ray", "algorithm": "random",
+                                             "ray_address": "10.0.0.9:6379"})).spec
+    assert cluster_address(named) == "10.0.0.9:6379"  # the sweep file wins
+    assert "host:port" in str(error_of(tmp_path, {"backend": "ray", "algorithm": "random", "ray_address": " "}))

@@ -17,7 +17,7 @@ A sweep file names a training config and a search space over its dotted keys::
       algorithm: tpe                    # tpe | random | grid (grid: optuna only)
       parallel: 1                       # trials at a time
       seed: 7                           # sampler seed (optional)
-      ray_address: null                 # ray: an existing cluster; null starts a local Ray
+      ray_address: null                 # ray: a cluster (head host:port); null: RAY_ADDRESS, else a local Ray
       storage: null                     # optuna: sqlite file (or any RDB URL)
 
 Every trial is an ordinary :func:`mltrainer.train.train` run (our run naming, checkpoint policy

@@ -1,4 +1,11 @@
-"""The ray backend: each trial in a Ray worker (a local Ray, or a cluster); no resuming."""
+"""The ray backend: each trial in a Ray worker (a local Ray, or a cluster); no resuming.
+
+On a cluster (``search.ray_address``, else Ray's own ``RAY_ADDRESS``) the trials run on whichever
+nodes have a free CPU; each trial's run is tagged with its node's id when it is created. A trial
+whose node dies takes its worker with it, so nothing on that node can close its run: the sweep
+marks it FAILED here, and the uploader's manifest-last order means a checkpoint cut off mid-upload
+is never listed as complete.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,23 @@ from typing import Any
 from .parent import SweepOutcome, TrialRecord, create_parent, finish_parent, safe_terminate, summarize
 from .space import ParamSpec
 from .spec import LoadedSweep
-from .tags import TAG_TRIAL
+from .tags import TAG_RAY_NODE, TAG_TRIAL
 from .trial import TrialJob, find_child_run, run_trial
 
 logger = logging.getLogger(__name__)
 
 
 RAY_FORWARDED_ENV = ("MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "AWS_", "PYTHONPATH")
+ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable for the cluster a driver joins
+
+
+def cluster_address(spec) -> str | None:
+    """The cluster to run on: the sweep file's ``ray_address``, else ``RAY_ADDRESS``; None: a local Ray.
+
+    Read here rather than left to ``ray.init``: a local Ray is started with our CPU count, which
+    Ray refuses when it is also joining a cluster named by the environment.
+    """
+    return spec.ray_address or os.environ.get(ADDRESS_ENV) or None
 
 
 def trial_number_from_id(trial_id: str) -> int | None:
@@ -27,13 +44,31 @@ def trial_number_from_id(trial_id: str) -> int | None:
 
 def _ray_trainable(config: dict[str, Any], job: TrialJob | None = None) -> None:
     """Ray Tune function trainable: one trial = one train() child run in this Ray worker."""
+    import ray
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     number = trial_number_from_id(trial_id)
     values = {key: config[key] for key in job.keys}
-    value, run_id = run_trial(job, number if number is not None else -1, values)
+    node = {TAG_RAY_NODE: ray.get_runtime_context().get_node_id()}
+    value, run_id = run_trial(job, number if number is not None else -1, values, extra_tags=node)
     tune.report({job.metric: value, "run_id": run_id, "trial_number": number})
+
+
+def close_dead_trial_run(client, run_id: str, number: int | None, error: str | None) -> None:
+    """A failed trial's run still RUNNING lost its process (its node died): mark it FAILED.
+
+    A trial that failed inside training closed its own run; only one whose worker was killed
+    (node lost, out of memory) leaves it open, and nothing else would ever close it.
+    """
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        logger.warning("trial %s (run %s) ended without closing its run (%s): marked FAILED", number, run_id,
+                       error or "no error reported")
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - the sweep's outcome matters more than this run's status
+        logger.warning("could not mark the run %s of failed trial %s FAILED", run_id, number, exc_info=True)
 
 
 def _ray_domain(param: ParamSpec):
@@ -70,8 +105,9 @@ def run_ray(loaded: LoadedSweep, client, *, max_trials: int | None) -> SweepOutc
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     started_here = not ray.is_initialized()
     if started_here:
-        if spec.ray_address:
-            ray.init(address=spec.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+        if address := cluster_address(spec):
+            logger.info("sweep %s: joining the Ray cluster at %s", spec.name, address)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         else:
             ray.init(num_cpus=max(2, spec.parallel), include_dashboard=False, runtime_env={"env_vars": env},
                      log_to_driver=True)
@@ -95,6 +131,10 @@ def run_ray(loaded: LoadedSweep, client, *, max_trials: int | None) -> SweepOutc
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode="min" if spec.direction == "minimize" else "max", num_samples=n,
                 max_concurrent_trials=spec.parallel, search_alg=search_alg,
+                # A trial's worker keeps its imports (torch, transformers, mlflow: seconds on a busy
+                # node) for the next trial; train() runs trial after trial in one process anyway
+                # (the optuna backend does).
+                reuse_actors=True,
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -124,8 +164,10 @@ def run_ray(loaded: LoadedSweep, client, *, max_trials: int | None) -> SweepOutc
                                        result.metrics.get("run_id")))
         else:
             run_id = find_child_run(client, experiment_id, parent_run_id, TAG_TRIAL, str(number))
-            records.append(TrialRecord(number, "FAIL", values, None, run_id,
-                                       str(result.error).strip().splitlines()[-1][:1000] if result.error else None))
+            error = str(result.error).strip().splitlines()[-1][:1000] if result.error else None
+            if run_id is not None:
+                close_dead_trial_run(client, run_id, number, error)
+            records.append(TrialRecord(number, "FAIL", values, None, run_id, error))
     records.sort(key=lambda r: (r.number is None, r.number))
     from mltrainer.plots import correlation_importance
 

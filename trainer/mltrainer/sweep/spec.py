@@ -163,7 +163,8 @@ def _load_sweep(path: Path, data: Any, cli_overrides: list[str]) -> LoadedSweep:
             raise ConfigError("search.trials", f"the grid has only {size} points, got trials: {trials}")
     parallel = search.get_int("parallel", 1, minimum=1)
     seed = search.get_int("seed", None)
-    ray_address = _backend_string(search, "ray_address", backend, "ray", "an address like ray://host:10001")
+    ray_address = _backend_string(search, "ray_address", backend, "ray",
+                                  "the head node's address, host:port (ray start --head --port)")
     storage = _backend_string(search, "storage", backend, "optuna", "a sqlite file path or a database URL")
 
     # The base config, with the sweep's overrides then the command line's.

@@ -6,3 +6,4 @@ TAG_SWEEP_STATE = "mltrainer.sweep.state"
 TAG_TRIAL = "mltrainer.trial"
 TAG_BEST_RUN = "best_trial_run_id"
 TAG_BEST_NUMBER = "best_trial_number"
+TAG_RAY_NODE = "mltrainer.ray.node_id"  # the Ray node a ray trial ran on

@@ -62,8 +62,13 @@ def log_chosen_values(client, run_id: str, values: Mapping[str, Any]) -> None:
                                      for k, v in values.items()])
 
 
-def run_trial(job: TrialJob, number: int, values: Mapping[str, Any]) -> tuple[float, str]:
-    """Train one trial as a child run; returns (metric value, run id). Raises when the trial fails."""
+def run_trial(job: TrialJob, number: int, values: Mapping[str, Any],
+              extra_tags: Mapping[str, str] | None = None) -> tuple[float, str]:
+    """Train one trial as a child run; returns (metric value, run id). Raises when the trial fails.
+
+    ``extra_tags`` go on the run when it is created (the ray backend's node id), so a trial that
+    dies with its machine still says where it ran.
+    """
     from mlflow.tracking import MlflowClient
 
     from mltrainer.train import train
@@ -73,7 +78,8 @@ def run_trial(job: TrialJob, number: int, values: Mapping[str, Any]) -> tuple[fl
     cfg = trial_config(job, values, f"-trial-{number}")
     try:
         result = train(cfg, parent_run_id=job.parent_run_id,
-                       extra_tags={TAG_TRIAL: str(number), TAG_SWEEP_NAME: job.sweep_name})
+                       extra_tags={**(extra_tags or {}), TAG_TRIAL: str(number),
+                                   TAG_SWEEP_NAME: job.sweep_name})
     except BaseException:
         try:
             if run_id := find_child_run(client, job.experiment_id, job.parent_run_id, TAG_TRIAL, str(number)):
