@@ -8,9 +8,10 @@
 ``python -m mlstack.upgrade migrate`` runs ``mlflow db upgrade`` on the tracking database and
     MLflow's auth migrations on the auth database, each only when it is behind, and times them.
 ``python -m mlstack.upgrade prepare`` makes the databases ready for servers that start together
-    (Kubernetes replicas): ``migrate``, then what a server does before it serves on an empty
-    database (the auth database, both schemas, the admin account), done once so that no two
-    servers create a schema at the same moment (MLflow fails when they do).
+    (Kubernetes replicas): ``check`` when a database is behind, ``migrate``, then what a server
+    does before it serves on an empty database (the auth database, both schemas, the admin
+    account), done once so that no two servers create a schema at the same moment (MLflow fails
+    when they do).
 
 Both read the same environment variables as the server entrypoint (``mlstack.settings``). The
 orchestration around them (stop the old server, back up, migrate, start the new one) is
