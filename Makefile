@@ -12,12 +12,14 @@ PIP_INSTALL = $(BIN)/pip install --progress-bar off --disable-pip-version-check
 TORCH_WHEELS ?= /opt/wheels
 STACK_STATE_DIR ?= .stack
 CONFIG ?= configs/tiny.yaml
-# S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack; GPU=1 gives the trainer the GPUs.
+# S3=seaweedfs swaps MinIO for SeaweedFS in the compose stack; GPU=1 gives the trainer the GPUs;
+# LB=1 runs STACK_SERVERS MLflow replicas behind HAProxy with TLS (infra/compose.lb.yml).
 S3 ?= minio
 GPU ?=
+LB ?=
 ENV_FILE ?= .env
 COMPOSE_FILES := -f docker-compose.yml $(if $(filter seaweedfs,$(S3)),-f infra/compose.seaweedfs.yml) \
-	$(if $(GPU),-f infra/compose.gpu.yml)
+	$(if $(GPU),-f infra/compose.gpu.yml) $(if $(LB),-f infra/compose.lb.yml)
 COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 # One-shot containers (`compose run --rm`, whose exit status podman loses): infra/compose-run.sh says why.
 COMPOSE_RUN := infra/compose-run.sh $(COMPOSE) run
@@ -78,8 +80,8 @@ compose-test: $(STAMP) ## Run the compose stack for real (Docker, else podman) a
 	$(BIN)/python -m pytest tests/compose $(PYTEST_ARGS)
 
 # --- Native stack (no Docker) ---------------------------------------------------------------
-stack: $(STAMP) ## Start the same stack natively (embedded PostgreSQL, SeaweedFS, MLflow) in .stack/
-	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) up
+stack: $(STAMP) ## Start the same stack natively (embedded PostgreSQL, SeaweedFS, MLflow) in .stack/; SERVERS=2: two MLflow instances behind HAProxy with TLS (TLS=on: even one)
+	$(if $(SERVERS),STACK_SERVERS=$(SERVERS) )$(if $(TLS),STACK_TLS=$(TLS) )$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) up
 
 stack-down: $(STAMP) ## Stop every process of the native stack, children included
 	$(BIN)/mlstack --state-dir $(STACK_STATE_DIR) down

@@ -44,6 +44,8 @@ class RunningStack:
         name, password = self.trainer_auth if user == "trainer" else self.admin_auth
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "S3_"))}
         env.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_TRACKING_USERNAME=name, MLFLOW_TRACKING_PASSWORD=password)
+        if self.env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):  # behind the TLS balancer (STACK_SERVERS >= 2)
+            env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = self.env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
         return env
 
     def s3_root(self):

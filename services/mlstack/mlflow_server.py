@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlstack import settings as s
@@ -66,6 +67,38 @@ def ensure_database(env: dict[str, str], name: str) -> None:
                 cur.execute(f'CREATE DATABASE "{name}"')
     finally:
         conn.close()
+
+
+# Key of the PostgreSQL advisory lock every server instance takes around its start-up writes (the
+# auth database, both schemas, the admin account). Any fixed 64-bit number nobody else uses.
+INIT_LOCK_KEY = 0x6D6C737461636B  # "mlstack"
+
+
+@contextmanager
+def initialisation_lock(env: dict[str, str]):
+    """Only one server instance at a time creates databases and schemas.
+
+    Several instances started together on an empty database would each find it empty and each run
+    MLflow's table creation: the loser fails on a duplicate table or alembic revision, or both
+    half-succeed (a known MLflow failure). The lock is PostgreSQL's, on the database that always
+    exists, held for the session: a crashed instance's lock ends with its connection.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host=s.DB_HOST.get(env), port=s.DB_PORT.get_int(env), user=s.POSTGRES_USER.get(env),
+        password=s.POSTGRES_PASSWORD.get(env), dbname=s.POSTGRES_DB.get(env),
+    )
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (INIT_LOCK_KEY,))
+            if not cur.fetchone()[0]:
+                log("another server instance is initialising the databases; waiting for it")
+                cur.execute("SELECT pg_advisory_lock(%s)", (INIT_LOCK_KEY,))
+        yield
+    finally:
+        conn.close()  # ends the session, and with it the lock
 
 
 def prepare_schema(env: dict[str, str]) -> None:
@@ -193,11 +226,12 @@ def main() -> None:
         for var in s.SERVICE_VARS["mlflow"]:
             var.get(env)  # fail fast, naming the missing variable
         wait_for_database(env)
-        ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
-        prepare_schema(env)
         runtime_dir = Path(tempfile.mkdtemp(prefix="mlstack-"))  # 0700, private to this server
-        server_env = server_environment(env, write_auth_config(env, runtime_dir))
-        bootstrap_admin(server_env)
+        with initialisation_lock(env):
+            ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
+            prepare_schema(env)
+            server_env = server_environment(env, write_auth_config(env, runtime_dir))
+            bootstrap_admin(server_env)
     except s.SettingsError as exc:
         raise SystemExit(f"mlflow server: {exc}") from None
     cmd = gunicorn_command(env, runtime_dir)

@@ -118,6 +118,25 @@ MLFLOW_INTERNAL_URL = Var(
     "MLFLOW_INTERNAL_URL", "the server as other stack services reach it (defaults to MLFLOW_PUBLIC_URL)", ""
 )
 
+# Several server instances behind a load balancer that terminates TLS (mlstack.balancer).
+STACK_SERVERS = Var(
+    "STACK_SERVERS",
+    "MLflow server instances (each its own gunicorn and workers) sharing the database and bucket; "
+    "2 or more put HAProxy with TLS in front of them (native stack; compose: infra/compose.lb.yml)",
+    "1",
+)
+STACK_TLS = Var(
+    "STACK_TLS", "native stack: on puts HAProxy with TLS in front even of one server instance", "off",
+    choices=("on", "off"),
+)
+TLS_CERT_FILE = Var(
+    "TLS_CERT_FILE",
+    "PEM certificate (with its chain) the load balancer presents; empty: a self-signed one made on "
+    "first start and kept",
+    "",
+)
+TLS_KEY_FILE = Var("TLS_KEY_FILE", "PEM private key of TLS_CERT_FILE", "")
+
 ALL_VARS: tuple[Var, ...] = tuple(v for v in globals().values() if isinstance(v, Var))
 SECRET_VARS: tuple[Var, ...] = tuple(v for v in ALL_VARS if v.secret)
 
@@ -157,6 +176,8 @@ SERVICE_VARS: dict[str, tuple[Var, ...]] = {
         MLFLOW_DEFAULT_PERMISSION, MLFLOW_TRUSTED_PROXIES, MLSTACK_ALLOW_UNPATCHED,
     ),
     "storage-init": (S3_BACKEND, S3_ENDPOINT_URL, S3_BUCKET, S3_ROOT_USER, S3_ROOT_PASSWORD, S3_CREDENTIALS_FILE),
+    # Writes the load balancer's configuration and certificate (compose: infra/compose.lb.yml).
+    "lb-init": (STACK_SERVERS, TLS_CERT_FILE, TLS_KEY_FILE, MLFLOW_PUBLIC_URL),
     "users-init": (
         MLFLOW_PUBLIC_URL, MLFLOW_INTERNAL_URL, MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD,
         MLFLOW_TRAINER_USER, MLFLOW_TRAINER_PASSWORD,

@@ -31,7 +31,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     where = f"{secrets_file}" if secrets_file.exists() else "your .env"
     print(f"  Passwords    : {where}")
     print(f"  Trainer env  : MLFLOW_TRACKING_URI={uri} MLFLOW_TRACKING_USERNAME={env['MLFLOW_TRAINER_USER']} "
-          "MLFLOW_TRACKING_PASSWORD=<MLFLOW_TRAINER_PASSWORD>")
+          "MLFLOW_TRACKING_PASSWORD=<MLFLOW_TRAINER_PASSWORD>"
+          + (f" MLFLOW_TRACKING_SERVER_CERT_PATH={env['MLFLOW_TRACKING_SERVER_CERT_PATH']}"
+             if env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") else ""))
+    if uri.startswith("https:"):
+        tls = stack.tls_material(env)
+        print(f"  Servers      : {stack.servers(env)} MLflow server instance(s) behind HAProxy (TLS)")
+        print(f"  Certificate  : {tls.certificate}{' (self-signed)' if tls.self_signed else ''}")
+        print(f"  SHA-256      : {tls.fingerprint}")
     return 0
 
 
@@ -74,6 +81,10 @@ def client_exports(env: dict[str, str], keep: dict[str, str] | None = None) -> l
         "MLFLOW_TRACKING_USERNAME": env["MLFLOW_TRAINER_USER"],
         "MLFLOW_TRACKING_PASSWORD": env["MLFLOW_TRAINER_PASSWORD"],
     }
+    if env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        # The balancer's self-signed certificate: the MLflow client (and the trainer, which sends
+        # through it) verifies the server against this file.
+        values["MLFLOW_TRACKING_SERVER_CERT_PATH"] = env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
     return [f"export {name}={shlex.quote(value)}" for name, value in values.items()
             if keep is None or not keep.get(name)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from typing import Callable
 import requests
 
 from mlstack import settings as s
+from mlstack.balancer import CONFIG_NAME, Backends, haproxy_config
+from mlstack.certificates import SELF_SIGNED_CERT, CertificateError, TlsMaterial, ensure_tls_material
 from mlstack.native import postgres, s3server
 from mlstack.native.ports import PUBLIC_PORTS, busy_public_ports, reassign_busy_internal
-from mlstack.native.processes import Handle, spawn, stop_tree, tail, wait_until
+from mlstack.native.processes import Handle, free_port, spawn, stop_tree, tail, wait_until
 
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop runs in reverse
 # SIGINT is PostgreSQL's "fast" shutdown: no waiting for idle clients. SeaweedFS treats SIGINT and
@@ -33,6 +36,10 @@ STOP_SIGNALS = {"postgres": signal.SIGINT, "s3": signal.SIGTERM, "mlflow": signa
 # subscription stream to end (measured 15.3-17.0 s on a loaded host): 20 s left too little margin
 # before a SIGKILL in the middle of its shutdown.
 STOP_TIMEOUTS = {"postgres": 20.0, "s3": 45.0, "mlflow": 20.0}
+# With STACK_SERVERS >= 2 or STACK_TLS=on, "mlflow" is several processes: HAProxy on the public
+# port (pid key "balancer") and the server instances on ports of the launcher's choice ("mlflow",
+# "mlflow-2", ...: the first keeps the key a single server has).
+BALANCER = "balancer"
 PLACEHOLDER = "change-me"
 
 
@@ -90,6 +97,14 @@ class Stack:
         file_values = read_env_file(self.env_file) if self.env_file and self.env_file.exists() else {}
         chosen = {**self._generated_secrets(), **file_values}
         chosen.update({k: v for k, v in os.environ.items() if k in {x.name for x in s.ALL_VARS} and v})
+        # Like the ports, the server layout chosen at a start holds for every later command
+        # (`mlstack env`, `make train`) until another start chooses again.
+        layout = self.state.setdefault("layout", {})
+        for var in (s.STACK_SERVERS, s.STACK_TLS):
+            if chosen.get(var.name):
+                layout[var.name] = chosen[var.name]
+            elif var.name in layout:
+                chosen[var.name] = layout[var.name]
         placeholders = sorted(k for k, v in chosen.items() if PLACEHOLDER in v)
         if placeholders:
             raise StackError(f"{', '.join(placeholders)} still hold the placeholder '{PLACEHOLDER}': set real values in {self.env_file}")
@@ -106,7 +121,10 @@ class Stack:
             except ValueError:
                 raise StackError(f"{p.variable}={raw!r} is not a port number") from None
         db_port, s3_port, mlflow_port = ports["db"], ports["s3"], ports["mlflow"]
-        public = f"http://127.0.0.1:{mlflow_port}"
+        balanced = self._balanced(chosen)
+        public = f"{'https' if balanced else 'http'}://127.0.0.1:{mlflow_port}"
+        # Behind the balancer the first instance's own address is where the stack's jobs reach a server.
+        internal = f"http://127.0.0.1:{self._instance_ports(chosen)[0]}" if balanced else public
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
         env.update(chosen)
         env.update(
@@ -118,14 +136,74 @@ class Stack:
             S3_PUBLIC_ENDPOINT_URL=pick(s.S3_PUBLIC_ENDPOINT_URL, f"http://127.0.0.1:{s3_port}"),
             S3_CREDENTIALS_FILE=str(self.state_dir / "credentials" / "mlflow-s3.json"),
             MLFLOW_HOST="127.0.0.1",
-            MLFLOW_PORT=str(mlflow_port),
+            MLFLOW_PORT=str(self._instance_ports(chosen)[0] if balanced else mlflow_port),
             MLFLOW_PUBLIC_URL=public,
-            MLFLOW_INTERNAL_URL=public,
-            MLFLOW_CORS_ALLOWED_ORIGINS=pick(s.MLFLOW_CORS_ALLOWED_ORIGINS, f"{public},http://localhost:{mlflow_port}"),
+            MLFLOW_INTERNAL_URL=internal,
+            MLFLOW_CORS_ALLOWED_ORIGINS=pick(s.MLFLOW_CORS_ALLOWED_ORIGINS,
+                                             f"{public},{public.replace('127.0.0.1', 'localhost')}"),
         )
+        if balanced:
+            # The instances believe X-Forwarded-For from the balancer (HAProxy sets it, dropping
+            # the client's own), so failed logins are counted per client, not per balancer.
+            env["MLFLOW_TRUSTED_PROXIES"] = ",".join(
+                dict.fromkeys(["127.0.0.1", *filter(None, chosen.get("MLFLOW_TRUSTED_PROXIES", "").split(","))]))
+            tls = self.tls_material(chosen, create=False)
+            if tls is not None and tls.self_signed:
+                # What a client needs to trust the balancer (mlstack.native.cli.client_exports).
+                env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(tls.certificate)
         for var in s.ALL_VARS:
             env.setdefault(var.name, var.default or "")
         return env
+
+    # -- several server instances and TLS --------------------------------------------------------
+
+    def servers(self, chosen: dict[str, str] | None = None) -> int:
+        values = {**os.environ} if chosen is None else chosen
+        try:
+            count = s.STACK_SERVERS.get_int(values)
+        except s.SettingsError as exc:
+            raise StackError(str(exc)) from None
+        if count < 1:
+            raise StackError(f"STACK_SERVERS={count}: at least one MLflow server instance is needed")
+        return count
+
+    def _balanced(self, chosen: dict[str, str]) -> bool:
+        try:
+            tls = s.STACK_TLS.get(chosen)
+        except s.SettingsError as exc:
+            raise StackError(str(exc)) from None
+        return self.servers(chosen) > 1 or tls == "on"
+
+    def _instance_ports(self, chosen: dict[str, str]) -> list[int]:
+        """The instances' own ports: kept in the state file, one more chosen for each new instance
+        (moved by _check_ports when taken)."""
+        ports = self.state.setdefault("mlflow_instance_ports", [])
+        while len(ports) < self.servers(chosen):
+            taken = set(ports) | set(self.state.get("ports", {}).values())
+            new = free_port()
+            while new in taken:
+                new = free_port()
+            ports.append(new)
+        return ports[: self.servers(chosen)]
+
+    def tls_material(self, chosen: dict[str, str], create: bool = True) -> TlsMaterial | None:
+        """The balancer's certificate (mlstack.certificates); without ``create``, None until the
+        first balanced start has made it."""
+        directory = self.state_dir / "tls"
+        cert, key = s.TLS_CERT_FILE.get(chosen), s.TLS_KEY_FILE.get(chosen)
+        if not create and not cert and not (directory / SELF_SIGNED_CERT).is_file():
+            return None
+        try:
+            # The native stack's URI names 127.0.0.1, which every self-signed certificate names.
+            return ensure_tls_material(directory, cert, key)
+        except CertificateError as exc:
+            raise StackError(str(exc)) from None
+
+    def instance_keys(self) -> list[str]:
+        """pid keys of the running configuration's server instances, recorded or not."""
+        extra = sorted((k for k in self.state.get("pids", {}) if k.startswith("mlflow-")),
+                       key=lambda k: int(k.split("-")[1]))
+        return ["mlflow", *extra]
 
     def _save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +233,9 @@ class Stack:
         already = {service for service in SERVICES if self._running(service)}
         starting = set(services) - already
         self._check_ports(env, starting=starting)
+        if "mlflow" in starting and self._balanced(env):
+            self.tls_material(env)  # made (or checked) before anything starts
+        env = self.environment()  # with the ports _check_ports may have moved, and the certificate
         self._save()
         ports = self.state["ports"]
         try:
@@ -184,6 +265,10 @@ class Stack:
                 internal = s3server.choose_ports(backend)
                 self.state.update(s3_internal_ports=internal, s3_backend=backend)
             reassign_busy_internal(internal, ports)
+        if "mlflow" in starting and self._balanced(env):
+            instances = dict(enumerate(self._instance_ports(env)))
+            reassign_busy_internal(instances, {**ports, **self.state.get("s3_internal_ports", {})})
+            self.state["mlflow_instance_ports"][: len(instances)] = list(instances.values())
 
     def _running(self, service: str) -> bool:
         handle = self.handle(service)
@@ -222,17 +307,61 @@ class Stack:
     def _start_mlflow(self, env: dict[str, str], port: int) -> None:
         if self._running("mlflow"):
             return
-        log = self.logs / "mlflow.log"
-        handle = spawn(self.command("mlflow"), env=s.service_environment("mlflow", env, env), log_path=log)
-        self._record("mlflow", handle)
+        if not self._balanced(env):
+            self._start_instances(env, [("mlflow", port)])
+            return
+        ports = self._instance_ports(env)
+        keys = ["mlflow", *(f"mlflow-{i}" for i in range(2, len(ports) + 1))]
+        # All at once, as after a host's reboot: the databases are initialised by one of them
+        # (mlstack.mlflow_server.initialisation_lock), the others wait for it.
+        self._start_instances(env, list(zip(keys, ports)))
+        self._start_balancer(env, port, ports)
 
-        def healthy() -> bool:
+    def _start_instances(self, env: dict[str, str], instances: list[tuple[str, int]]) -> None:
+        started = []
+        for key, port in instances:
+            log = self.logs / f"{key}.log"
+            service_env = {**s.service_environment("mlflow", env, env), "MLFLOW_PORT": str(port)}
+            handle = spawn(self.command("mlflow"), env=service_env, log_path=log)
+            self._record(key, handle)
+            started.append((key, port, handle, log))
+        for key, port, handle, log in started:
+            def healthy(port: int = port) -> bool:
+                try:
+                    return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+                except requests.RequestException:
+                    return False
+
+            what = "MLflow server" if len(instances) == 1 else f"MLflow server instance {key} (port {port})"
+            wait_until(healthy, what=what, timeout=180, handle=handle, log_path=log)
+
+    def _start_balancer(self, env: dict[str, str], port: int, instance_ports: list[int]) -> None:
+        tls = self.tls_material(env)
+        directory = self.state_dir / "balancer"
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / CONFIG_NAME
+        config.write_text(haproxy_config(
+            bind="127.0.0.1", port=port, bundle=tls.bundle,
+            backends=Backends(addresses=tuple(("127.0.0.1", p) for p in instance_ports)), health_host="127.0.0.1"))
+        program = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
+        if program is None:
+            raise StackError("STACK_SERVERS >= 2 and STACK_TLS=on need HAProxy: apt-get install haproxy")
+        check = subprocess.run([program, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise StackError(f"HAProxy refuses {config}:\n{check.stdout}{check.stderr}")
+        log = self.logs / "balancer.log"
+        # -db: in the foreground, so the handle is HAProxy itself and stop_tree reaches it.
+        handle = spawn([program, "-db", "-f", str(config)], env=env, log_path=log)
+        self._record(BALANCER, handle)
+
+        def answers() -> bool:
             try:
-                return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+                return requests.get(f"https://127.0.0.1:{port}/health", timeout=2, verify=str(tls.certificate)
+                                    if tls.self_signed else True).status_code == 200
             except requests.RequestException:
                 return False
 
-        wait_until(healthy, what="MLflow server", timeout=180, handle=handle, log_path=log)
+        wait_until(answers, what=f"HAProxy on port {port}", timeout=30, handle=handle, log_path=log)
 
     def command(self, service: str) -> list[str]:
         return [sys.executable, "-m", s.SERVICE_MODULES[service]]
@@ -254,16 +383,20 @@ class Stack:
         for service in reversed(SERVICES):
             if only is not None and service not in only:
                 continue
-            handle = self.handle(service)
-            if handle is not None and handle.alive():
+            # The balancer first: no request reaches an instance that is stopping.
+            keys = [BALANCER, *self.instance_keys()] if service == "mlflow" else [service]
+            handles = [h for h in (self.handle(k) for k in keys) if h is not None and h.alive()]
+            if handles:
                 if progress:
                     progress(service, None)
                 began = time.monotonic()
-                stop_tree(handle, first_signal=STOP_SIGNALS[service], timeout=STOP_TIMEOUTS[service])
+                for handle in handles:
+                    stop_tree(handle, first_signal=STOP_SIGNALS[service], timeout=STOP_TIMEOUTS[service])
                 stopped.append(service)
                 if progress:
                     progress(service, time.monotonic() - began)
-            self._record(service, None)
+            for key in keys:
+                self._record(key, None)
         return stopped
 
     def status(self) -> dict[str, dict]:
@@ -277,8 +410,21 @@ class Stack:
                 "pid": handle.pid if alive else None,
                 "address": f"127.0.0.1:{ports[port_key]}" if port_key in ports else None,
             }
+        # Behind a balancer: the balancer on the public port, each instance on its own.
+        if self.handle(BALANCER) is not None:
+            instance_ports = self.state.get("mlflow_instance_ports", [])
+            for i, key in enumerate(self.instance_keys()):
+                handle = self.handle(key)
+                alive = handle is not None and handle.alive()
+                out[key] = {"running": alive, "pid": handle.pid if alive else None,
+                            "address": f"127.0.0.1:{instance_ports[i]}" if i < len(instance_ports) else None}
+            handle = self.handle(BALANCER)
+            alive = handle.alive()
+            out[BALANCER] = {"running": alive, "pid": handle.pid if alive else None,
+                             "address": f"127.0.0.1:{ports['mlflow']}" if "mlflow" in ports else None}
         return out
 
     def tracking_uri(self) -> str | None:
         port = self.state.get("ports", {}).get("mlflow")
-        return f"http://127.0.0.1:{port}" if port else None
+        scheme = "https" if self.handle(BALANCER) is not None else "http"
+        return f"{scheme}://127.0.0.1:{port}" if port else None
