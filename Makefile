@@ -56,8 +56,9 @@ lock: $(STAMP) ## Derive every lock file from the requirements files (uv), keepi
 # --- Docker Compose -------------------------------------------------------------------------
 up: ## Start postgres, S3 (MinIO; S3=seaweedfs for SeaweedFS) and MLflow with Docker Compose
 	@infra/check-env.sh $(ENV_FILE)
-	$(COMPOSE) up -d --build --wait postgres s3 mlflow
+	$(COMPOSE) up -d --build --wait postgres s3 mlflow $(if $(LB),lb)
 	$(COMPOSE_RUN) users-init
+	@$(if $(LB),$(COMPOSE) logs --no-log-prefix lb-init | tail -2)
 	@source $(ENV_FILE); echo "Tracking URI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}   UI: $${MLFLOW_PUBLIC_URL:-http://localhost:5000}/"
 
 trainer-image: ## Build the trainer image (docker compose run trainer ...) with the commit it is built from

@@ -12,7 +12,7 @@ env_file=$(mktemp)
 trap 'rm -f "$env_file"' EXIT
 sed 's/change-me/placeholder-for-validation/' "$dir/.env.example" > "$env_file"
 cd "$dir"
-variants=("" "-f infra/compose.seaweedfs.yml" "--profile trainer" "--profile trainer -f infra/compose.gpu.yml")
+variants=("" "-f infra/compose.seaweedfs.yml" "--profile trainer" "--profile trainer -f infra/compose.gpu.yml" "-f infra/compose.lb.yml")
 for variant in "${variants[@]}"; do
   # shellcheck disable=SC2086
   if ! "$compose" --env-file "$env_file" -f docker-compose.yml $variant config -q; then

@@ -27,6 +27,7 @@ from stack_contract import (COMPOSE_FILE, ENV_EXAMPLE, LEAKED, REPO, compose_con
 
 GPU_FILE = REPO / "infra" / "compose.gpu.yml"
 SEAWEED_FILE = REPO / "infra" / "compose.seaweedfs.yml"
+LB_FILE = REPO / "infra" / "compose.lb.yml"
 INIT_SERVICES = tuple(s.SERVICE_MODULES)  # mlflow, storage-init, users-init
 
 
@@ -194,7 +195,7 @@ def _make_compose_config(project: Path) -> subprocess.CompletedProcess:
 def test_make_compose_config_passes_the_files_as_they_are(tmp_path):
     proc = _make_compose_config(_project_copy(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "compose files valid: 4 variants" in proc.stdout
+    assert "compose files valid: 5 variants" in proc.stdout
 
 
 @pytest.mark.parametrize("broken", ["docker-compose.yml", "infra/compose.seaweedfs.yml", "infra/compose.gpu.yml"])
@@ -210,3 +211,39 @@ def test_make_compose_config_fails_on_a_broken_file(tmp_path, broken):
     assert proc.returncode != 0
     assert "additional properties 'restrt' not allowed" in proc.stderr
     assert "is not a valid compose configuration" in proc.stderr
+
+
+def test_load_balanced_variant_speaks_only_tls_and_runs_the_native_code(env_file, tmp_path):
+    """infra/compose.lb.yml: replicas of the same server entrypoint behind HAProxy, whose
+    configuration and certificate the lb-init job writes with the native launcher's code."""
+    from mlstack.balancer import CONFIG_NAME, main as lb_init
+    from running_stack import environ_set
+    from system_packages import ensure_programs
+
+    services = compose_config(env_file, COMPOSE_FILE, LB_FILE)["services"]
+    mlflow, lb, init = services["mlflow"], services["lb"], services["lb-init"]
+    assert mlflow["entrypoint"] == ["python", "-m", s.SERVICE_MODULES["mlflow"]]
+    assert mlflow["deploy"]["replicas"] == 2
+    assert not mlflow.get("ports"), "a replica publishes a clear-text port"
+    # Only HAProxy's TLS port reaches the host, on the bind address.
+    assert [(p["target"], str(p["published"]), p.get("host_ip")) for p in lb["ports"]] == [(8443, "5000", "127.0.0.1")]
+    # The replicas believe X-Forwarded-For from HAProxy's fixed address, and from no one else.
+    assert mlflow["environment"]["MLFLOW_TRUSTED_PROXIES"] == lb["networks"]["default"]["ipv4_address"]
+    assert services["users-init"]["environment"]["MLFLOW_PUBLIC_URL"].startswith(("https://", "http://"))
+    assert init["entrypoint"][:3] == ["python", "-m", "mlstack.balancer"]
+    assert set(init["environment"]) == {v.name for v in s.SERVICE_VARS["lb-init"]}
+    assert {v["target"] for v in init["volumes"]} >= {"/run/mlstack-lb"}
+    assert lb["depends_on"]["lb-init"]["condition"] == "service_completed_successfully"
+    # HAProxy of the same release line as Debian's, which the native stack runs.
+    ensure_programs({"haproxy": "haproxy"})
+    native = re.search(r"version (\d+\.\d+)", subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout)
+    assert lb["image"].startswith(f"haproxy:{native.group(1)}."), (lb["image"], native.group(0))
+    # What lb-init writes (same arguments, same environment) is a configuration HAProxy accepts.
+    out = tmp_path / "lb"
+    with environ_set({k: str(v) for k, v in init["environment"].items()}):
+        assert lb_init([str(out), *init["entrypoint"][4:]]) == 0
+    config = (out / CONFIG_NAME).read_text()
+    assert "server-template mlflow 1-2 mlflow:5000" in config and "ssl crt" in config
+    assert lb["command"][-1] == "/run/mlstack-lb/" + CONFIG_NAME
+    check = subprocess.run(["haproxy", "-c", "-f", str(out / CONFIG_NAME)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
