@@ -169,23 +169,25 @@ def migrate(env: dict[str, str]) -> dict[str, float]:
 def prepare(env: dict[str, str]) -> None:
     """Everything a server does to the databases before it serves, once, ahead of all servers.
 
-    Each server still runs the same steps at its start (mlstack.mlflow_server); after this they
-    find the databases made and change nothing, so replicas may start at the same moment. Like
+    Each server still runs the same steps at its start (mlstack.mlflow_server), under the same
+    PostgreSQL lock; after this they find the databases made and change nothing. Like
     ``migrate``, run it after a backup and with no server of an older MLflow writing (README,
     Kubernetes).
     """
     from mlstack import mlflow_server as server
 
     server.wait_for_database(env)
-    server.ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
-    if any(st.standing is Standing.BEHIND for st in schema_state.inspect(*database_uris(env))):
-        # An upgrade: as `make upgrade` does, refuse before migrating when the new server would not start.
-        check(env)
-    migrate(env)
-    server.prepare_schema(env)  # creates the tracking schema when empty
-    with tempfile.TemporaryDirectory(prefix="mlstack-prepare-") as tmp:
-        # The auth schema and the admin account, the way the server makes them at its start.
-        server.bootstrap_admin(server.server_environment(env, server.write_auth_config(env, Path(tmp))))
+    # The servers' own lock: one started meanwhile (the Deployment applied early) waits for this.
+    with server.initialisation_lock(env):
+        server.ensure_database(env, s.MLFLOW_AUTH_DB.get(env))
+        if any(st.standing is Standing.BEHIND for st in schema_state.inspect(*database_uris(env))):
+            # An upgrade: as `make upgrade` does, refuse before migrating when the new server would not start.
+            check(env)
+        migrate(env)
+        server.prepare_schema(env)  # creates the tracking schema when empty
+        with tempfile.TemporaryDirectory(prefix="mlstack-prepare-") as tmp:
+            # The auth schema and the admin account, the way the server makes them at its start.
+            server.bootstrap_admin(server.server_environment(env, server.write_auth_config(env, Path(tmp))))
     for st in schema_state.inspect(*database_uris(env)):
         if st.standing is not Standing.CURRENT:
             raise UpgradeRefused(f"after preparing, {st.describe()}")
