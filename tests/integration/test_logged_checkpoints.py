@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.entities import LoggedModelStatus
+from playwright.sync_api import Error as PlaywrightError
 
+from browser import VIEWPORT, chromium, screenshot_dir, table_row
 from trainer_support import (
     MANIFEST, REPO, RUN_LINE, TINY, artifact_prefix, read_object, run_cli, sha256, step_path,
     stored_checkpoints, train, train_args, trainer_client, trainer_env, unique_experiment,
@@ -273,3 +275,54 @@ def test_best_checkpoint_across_the_experiments_runs_is_registered_under_an_alia
     assert version.run_id == run_id and version.tags["mltrainer.checkpoint.step"] == path.rsplit("-", 1)[1].lstrip("0")
     folder = Path(download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path), tracking_uri=native_stack.uri))
     AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def test_the_ui_lists_each_checkpoint_with_its_step_metrics_and_marks(native_stack, client, trained):
+    """Chromium, logged in as the trainer by HTTP basic auth, on the links the trainer prints."""
+    run = client.get_run(trained["run_id"])
+    models = checkpoint_models(client, trained["run_id"])
+    latest, best = run.data.tags["checkpoint.latest"], run.data.tags["checkpoint.best"]
+    links = dict(re.findall(r"^  (UI|Checkpoints): +(\S+)$", trained["output"], re.M))
+    # Filed as model development, which the links open the UI in ("Model training" mode).
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    shots = screenshot_dir()
+    with chromium() as browser:
+        # The server asks for credentials: a browser that has none is refused (Chromium's error for a 401).
+        anonymous = browser.new_context()
+        with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            anonymous.new_page().goto(links["Checkpoints"])
+        anonymous.close()
+
+        user, password = native_stack.trainer_auth
+        page = browser.new_context(http_credentials={"username": user, "password": password},
+                                   viewport=VIEWPORT).new_page()
+        page.goto(links["Checkpoints"])
+        page.get_by_role("heading", name="Models").wait_for(timeout=60_000)
+        # Other tests of this module train more runs into the experiment: the page lists every live
+        # checkpoint model of it, this run's kept ones among them, and nothing else.
+        listed = {m.model_id: m.name for m in client.search_logged_models(
+            [run.info.experiment_id], filter_string="model_type = 'checkpoint'")}
+        assert {m.model_id for m in models.values()} <= set(listed)
+        names = page.locator("[role=gridcell][col-id=name] a")
+        names.nth(len(listed) - 1).wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "checkpoint-models.png"))
+        rows = page.eval_on_selector_all(
+            "[role=row][row-id]", "rows => rows.map(r => [r.getAttribute('row-id'), r.querySelector('[col-id=name] a')?.innerText])")
+        assert {row_id: name for row_id, name in rows if name} == listed
+        for model in models.values():  # each row shows the eval_loss linked at its step
+            loss = next(m.value for m in model.metrics if m.key == "eval_loss")
+            cell = page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id*="eval_loss"]')
+            assert cell.inner_text() == repr(loss)
+
+        for path, model in sorted(models.items()):
+            page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id=name] a').click()
+            page.get_by_role("heading", name=model.name).wait_for(timeout=60_000)
+            marks = [word for word, at in (("latest", latest), ("best by eval_loss", best)) if at == path]
+            description = f"Step {model.params['step']}" + (": " + ", ".join(marks) if marks else "")
+            page.get_by_text(description, exact=True).wait_for(timeout=30_000)
+            assert table_row(page, "step") == ["step", model.params["step"]]
+            loss = next(m.value for m in model.metrics if m.key == "eval_loss")
+            assert table_row(page, "eval_loss")[-1] == repr(loss)
+            page.screenshot(path=str(shots / f"{model.name}.png"))
+            page.go_back()
+            names.nth(len(listed) - 1).wait_for(timeout=60_000)

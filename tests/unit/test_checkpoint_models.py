@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from mltrainer.checkpoint_models import TAG_BEST, TAG_LATEST, CheckpointModels, model_name
+from mltrainer.checkpoint_models import DESCRIPTION_TAG, TAG_BEST, TAG_LATEST, CheckpointModels, describe, model_name
 from mltrainer.manifest import Manifest
 from mltrainer.policy import CheckpointPolicy, RetentionState
 
@@ -16,23 +16,25 @@ class RecordingClient:
     def __init__(self):
         self.calls: list[tuple] = []
         self.tags: dict[str, dict[str, str]] = {}
+        self.params: dict[str, dict[str, str]] = {}
         self.made = 0
 
     def get_run(self, run_id):
         return SimpleNamespace(info=SimpleNamespace(experiment_id="7"))
 
-    def create_logged_model(self, experiment_id, name, source_run_id, model_type, params):
+    def create_logged_model(self, experiment_id, name, source_run_id, model_type, params, tags):
         self.made += 1
         model_id = f"m-{self.made}"
-        self.tags[model_id] = {}
+        self.tags[model_id] = dict(tags)
+        self.params[model_id] = params
         self.calls.append(("create", name, params["step"]))
-        return SimpleNamespace(model_id=model_id)
+        return SimpleNamespace(model_id=model_id, params=params)
 
     def log_batch(self, run_id, metrics):
         self.calls.append(("link", metrics[0].model_id, sorted(m.key for m in metrics)))
 
     def finalize_logged_model(self, model_id, status):
-        return SimpleNamespace(model_id=model_id, status=status)
+        return SimpleNamespace(model_id=model_id, status=status, params=self.params[model_id])
 
     def set_logged_model_tags(self, model_id, tags):
         self.tags[model_id].update(tags)
@@ -67,5 +69,12 @@ def test_latest_and_best_move_with_retention_and_an_evicted_checkpoint_loses_its
         models.stored(manifest(step, loss), state)
     # 4 was evicted once 8 was newer and better; 12 is latest, 8 best.
     assert ("delete", "m-1") in client.calls
-    assert client.tags == {"m-2": {TAG_BEST: "true"}, "m-3": {TAG_LATEST: "true"}}
+    assert client.tags == {"m-2": {TAG_BEST: "true", DESCRIPTION_TAG: "Step 8: best by eval_loss"},
+                           "m-3": {TAG_LATEST: "true", DESCRIPTION_TAG: "Step 12: latest"}}
     assert ("link", "m-3", ["eval_loss"]) in client.calls
+
+
+def test_the_description_the_ui_shows_names_the_step_and_the_marks():
+    assert describe(20, set(), "eval_loss") == "Step 20"
+    assert describe(20, {TAG_BEST, TAG_LATEST}, "eval_loss") == "Step 20: latest, best by eval_loss"
+    assert describe("4", {TAG_BEST}, None) == "Step 4: best"

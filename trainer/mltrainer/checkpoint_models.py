@@ -14,7 +14,9 @@ folder, with:
   same (key, value, step, timestamp) the run's history holds, so the history gets no second point.
 * tags ``checkpoint.latest`` / ``checkpoint.best`` (value ``true``) on the newest and the best
   checkpoint, moved whenever retention changes which one that is (the run keeps its tags of the
-  same names, holding the store paths).
+  same names, holding the store paths). The UI shows no model tags, so the same marks are also
+  the model's Description (the ``mlflow.note.content`` tag, shown on the model's page): "Step 20:
+  latest, best by eval_loss".
 * An evicted checkpoint's model is deleted before its manifest and files (``on_evicting``): the UI
   stops listing it before any of its bytes go.
 
@@ -50,11 +52,21 @@ MODEL_TYPE = "checkpoint"
 TAG_LATEST = "checkpoint.latest"  # same names as the run's tags (tracking.TAG_LATEST/TAG_BEST)
 TAG_BEST = "checkpoint.best"
 MARK = "true"
+# The tag MLflow's UI shows as a model's Description (its tags it does not show at all).
+DESCRIPTION_TAG = "mlflow.note.content"
+_MARK_WORDS = {TAG_LATEST: "latest", TAG_BEST: "best"}
 PARAM_STORE_PATH = "store_path"
 NAME_PREFIX = "checkpoint-"
 # Characters MLflow refuses in a model name (mlflow.utils.validation._validate_logged_model_name);
 # a path template can put any of them in a folder name ({eval_loss:.4f}).
 _BAD_NAME_CHARS = "/:.%\"'"
+
+
+def describe(step: int | str, marks: set[str], monitor: str | None) -> str:
+    """A checkpoint model's Description in the UI: its step and which of latest/best it is."""
+    words = [_MARK_WORDS[tag] + (f" by {monitor}" if tag == TAG_BEST and monitor else "")
+             for tag in (TAG_LATEST, TAG_BEST) if tag in marks]
+    return f"Step {step}" + (": " + ", ".join(words) if words else "")
 
 
 def model_name(store_path: str) -> str:
@@ -140,11 +152,18 @@ class CheckpointModels:
         for path, model in self._models.items():
             has = self._marks.setdefault(path, set())
             should = {tag for tag, at in wanted.items() if at == path}
-            if add := should - has:
-                self.client.set_logged_model_tags(model.model_id, {tag: MARK for tag in add})
+            if should != has:
+                self.client.set_logged_model_tags(model.model_id, {
+                    **{tag: MARK for tag in should - has},
+                    DESCRIPTION_TAG: describe(self._step_of(path, model), should, self.policy.monitor)})
             for tag in has - should:
                 self.client.delete_logged_model_tag(model.model_id, tag)
             self._marks[path] = should
+
+    @staticmethod
+    def _step_of(store_path: str, model) -> str:
+        params = getattr(model, "params", None) or {}
+        return params.get("step") or store_path.rsplit("/", 1)[-1]
 
     # -- creating one ----------------------------------------------------------------------------
 
@@ -153,7 +172,8 @@ class CheckpointModels:
 
         model = self.client.create_logged_model(
             self.experiment_id, name=model_name(manifest.store_path), source_run_id=self.run_id,
-            model_type=MODEL_TYPE, params=self._params(manifest))
+            model_type=MODEL_TYPE, params=self._params(manifest),
+            tags={DESCRIPTION_TAG: describe(manifest.step, set(), self.policy.monitor)})
         try:
             self._link_metrics(model.model_id, manifest)
             model = self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)

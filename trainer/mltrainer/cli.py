@@ -17,6 +17,9 @@ from typing import Any, Callable
 from mltrainer.errors import EXIT_DAMAGED, EXIT_MONITOR, EXIT_OK, EXIT_TRACKING, MltrainerError
 
 
+# MLflow's UI opens in its "GenAI" mode unless told otherwise (a query parameter, then the
+# browser remembers); our runs and checkpoint models belong to its "Model training" mode.
+UI_MODEL_TRAINING = "?workflowType=machine_learning"
 NO_TRACKING_SERVER = (
     "no tracking server: set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD) to the "
     "stack's; for the native stack: eval \"$(.venv/bin/mlstack env)\""
@@ -117,7 +120,9 @@ def _train(argv: list[str]) -> int:
         run = client.get_run(result.run_id)
         uri = mlflow.get_tracking_uri().rstrip("/")
         print(f"\nRun {run.info.run_name} ({result.run_id}) finished at step {result.global_step}")
-        print(f"  UI:          {uri}/#/experiments/{run.info.experiment_id}/runs/{result.run_id}")
+        experiment_page = f"{uri}/#/experiments/{run.info.experiment_id}"
+        print(f"  UI:          {experiment_page}/runs/{result.run_id}{UI_MODEL_TRAINING}")
+        print(f"  Checkpoints: {experiment_page}/models{UI_MODEL_TRAINING}")
         print(f"  Local dir:   {result.run_dir}")
         print(f"  Final model: {result.model_uri or 'not logged (log_final_model: false)'}")
         print(format_table(list_checkpoints(client, result.run_id)))

@@ -93,6 +93,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# What MLflow's UI files an experiment under: fine-tunes are model development, not GenAI apps.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if it does not exist yet.
 
@@ -104,7 +109,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
