@@ -84,18 +84,18 @@ def assert_every_checkpoint_complete(stack, prefix: str, expect_files: set[str])
 
 def test_two_nodes_one_run_complete_checkpoints_and_resume_on_two_fresh_nodes(native_stack, tmp_path):
     experiment = unique_experiment("trainer-2nodes")
-    common = ("training.max_steps=12", "training.save_steps=4", "training.eval_steps=4", "tracking.lease_seconds=4")
-    # First pair: ends with an error right after its second save (step 8); both saves still get stored.
+    common = ("training.max_steps=8", "training.save_steps=4", "training.eval_steps=4")
+    # First pair: ends with an error right after its first save (step 4), which still gets stored.
     first = run_two_nodes(native_stack, tmp_path / "first", experiment, *common,
-                          program=[str(FAIL_AFTER_SAVES), "2", "error"])
+                          program=[str(FAIL_AFTER_SAVES), "1", "error"])
     assert all(p.returncode != 0 for p in first), output(first)
-    assert "injected failure after save 2" in first[0].stderr, output(first)
+    assert "injected failure after save 1" in first[0].stderr, output(first)
     trains_in = {re.search(r"INFO mltrainer\.train: run ([0-9a-f]{32}) trains in", p.stderr)[1] for p in first}
     assert len(trains_in) == 1, output(first)  # both nodes trained in the run rank 0 created
     (run_id,) = trains_in
-    assert "node 1 stored its 1 file(s) of checkpoint checkpoints/step-00000008" in first[1].stderr, output(first)
+    assert "node 1 stored its 1 file(s) of checkpoint checkpoints/step-00000004" in first[1].stderr, output(first)
     # No shared disk: node 1's folder holds only what node 1 wrote.
-    node1_dir = next((tmp_path / "first" / "node1").glob("*/checkpoint-8"))
+    node1_dir = next((tmp_path / "first" / "node1").glob("*/checkpoint-4"))
     assert {p.name for p in node1_dir.iterdir()} == {"rng_state_1.pth"}
 
     with trainer_client(native_stack) as client:
@@ -104,25 +104,25 @@ def test_two_nodes_one_run_complete_checkpoints_and_resume_on_two_fresh_nodes(na
         assert client.get_run(run_id).info.status == "FAILED"
         prefix = artifact_prefix(client, run_id)
     stored = assert_every_checkpoint_complete(native_stack, prefix, ALL_FILES)
-    assert set(stored) == {step_path(4), step_path(8)}
+    assert set(stored) == {step_path(4)}
 
-    # Second pair, fresh empty folders, node 1 saving its own copies too: it continues from step 8.
+    # Second pair, fresh empty folders, node 1 saving its own copies too: it continues from step 4.
     second = run_two_nodes(native_stack, tmp_path / "second", experiment, *common,
                            "training.save_on_each_node=true", program=["-m", "mltrainer.cli", "--resume", run_id])
     assert all(p.returncode == 0 for p in second), output(second)
-    assert [(m["run_id"], m["step"]) for m in RUN_LINE.finditer(second[0].stdout)] == [(run_id, "12")]
+    assert [(m["run_id"], m["step"]) for m in RUN_LINE.finditer(second[0].stdout)] == [(run_id, "8")]
     for node in second:  # each node downloaded the checkpoint and started where it ends
-        assert "first training step started (step 9)" in node.stderr, output(second)
-    assert "node 1 has checkpoint checkpoints/step-00000008" in second[1].stderr, output(second)
+        assert "first training step started (step 5)" in node.stderr, output(second)
+    assert "node 1 has checkpoint checkpoints/step-00000004" in second[1].stderr, output(second)
 
     with trainer_client(native_stack) as client:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert run.data.tags["checkpoint.latest"] == step_path(12)
+        assert run.data.tags["checkpoint.latest"] == step_path(8)
         losses = [s for s, _ in metric_steps(client, run_id, "loss")]
-        assert losses == [2, 4, 6, 8, 10, 12] and max(Counter(losses).values()) == 1, losses
+        assert losses == [2, 4, 6, 8] and max(Counter(losses).values()) == 1, losses
     stored = assert_every_checkpoint_complete(native_stack, prefix, ALL_FILES)
-    assert step_path(12) in stored and stored[step_path(12)]["step"] == 12
+    assert set(stored) == {step_path(4), step_path(8)} and stored[step_path(8)]["step"] == 8
 
 
 def test_a_node_whose_files_are_not_stored_leaves_no_complete_checkpoint(native_stack, tmp_path):

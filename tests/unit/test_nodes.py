@@ -123,3 +123,19 @@ def test_a_node_whose_upload_fails_tells_the_main_process_and_raises_at_close(re
         node.close()
     with pytest.raises(NodeFilesError, match="node 1 could not store its files .*S3 unreachable"):
         reports.wait(job.store_path, 1, ["rng_state_1.pth"], timeout=1)
+
+
+def test_after_an_error_the_main_process_stops_waiting_for_a_node_that_never_reports(reports, tmp_path):
+    import time
+
+    store = ListingStore()
+    main = CheckpointUploader(store, KEEP_ALL, max_retries=0)
+    job = make_job(tmp_path, 4)
+    job.other_nodes = OtherNodesFiles(job.store_path, {1: ["rng_state_1.pth"]}, reports)
+    main.submit(job)  # node 1 died: no report comes
+    reports.hurry(0.5)  # what end_after_error does, with the grace cut short for the test
+    started = time.monotonic()
+    not_stored = main.end_after_error(RuntimeError("gloo: connection closed by peer"))
+    assert time.monotonic() - started < 5
+    assert [path for path, _ in not_stored] == ["checkpoints/step-00000004"]
+    assert store.manifests() == {}

@@ -20,6 +20,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,15 @@ class NodeFilesUploader:
             self._reported = len(self._failures)
         if fresh:
             raise UploadError(failures)
-        self._queue.put(job)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            started = time.monotonic()
+            logger.warning("node %d: upload queue full (%d pending): training waits for %s", self.node,
+                           self._queue.qsize(), job.store_path)
+            self._queue.put(job)
+            logger.warning("node %d: training waited %.2fs for the upload queue", self.node,
+                           time.monotonic() - started)
 
     def close(self) -> None:
         """Store what is queued, stop the worker, raise every failure."""

@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 # large model can take many minutes, so the bound is generous.
 NODE_REPORT_TIMEOUT_S = 3600.0
 REPORT_POLL_S = 0.2
+# Once training ended with an error the wait is cut to this: a node that died (a killed machine
+# ends the job through a failed collective) never reports, and its checkpoint stays incomplete
+# after this long rather than holding the main process for the full bound. A live node reports
+# sooner: it still stores what it had queued.
+REPORT_GRACE_AFTER_ERROR_S = 60.0
 # Key prefix in the rendezvous store, next to torch's own keys.
 REPORT_PREFIX = "mltrainer/checkpoint-files"
 
@@ -115,6 +120,7 @@ class NodeReports:
 
     def __init__(self, store=None):
         self._store = store
+        self._give_up_at = float("inf")  # monotonic time; set by hurry()
 
     @property
     def store(self):
@@ -133,17 +139,23 @@ class NodeReports:
     def failed(self, store_path: str, node: int, error: str) -> None:
         self.store.set(report_key(store_path, node), json.dumps({"error": error}))
 
+    def hurry(self, grace: float = REPORT_GRACE_AFTER_ERROR_S) -> None:
+        """Training ended with an error: from now on wait at most ``grace`` seconds for any report."""
+        self._give_up_at = min(self._give_up_at, time.monotonic() + grace)
+
     def wait(self, store_path: str, node: int, files: list[str],
              timeout: float = NODE_REPORT_TIMEOUT_S) -> dict[str, FileDigest]:
         """The digests node ``node`` reports for ``files`` of ``store_path``; raises
         :class:`NodeFilesError` when it reports a failure, reports other files, or says nothing
-        within ``timeout`` seconds."""
+        within ``timeout`` seconds (or the grace :meth:`hurry` set)."""
         key = report_key(store_path, node)
         deadline = time.monotonic() + timeout
         while not self.store.check([key]):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline or now > self._give_up_at:
+                why = f"within {timeout:.0f}s" if now > deadline else "before training, which ended with an error, stopped waiting"
                 raise NodeFilesError(f"{store_path}: node {node} did not report its files ({', '.join(files)}) "
-                                     f"within {timeout:.0f}s; manifest not stored")
+                                     f"{why}; manifest not stored")
             time.sleep(REPORT_POLL_S)
         report = json.loads(self.store.get(key))
         if "error" in report:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Protocol
 from mltrainer.errors import EXIT_UPLOAD, MltrainerError
 from mltrainer.config import UploadConfig
 from mltrainer.manifest import MANIFEST_NAME, FileDigest, Manifest, build_manifest, checkpoint_files, file_digest
-from mltrainer.nodes import NodeFilesError, OtherNodesFiles
+from mltrainer.nodes import NodeFilesError, NodeReports, OtherNodesFiles
 from mltrainer.policy import CheckpointPolicy, RetentionState
 from mltrainer.transfer import ArtifactMissingError, InFlightLimit
 
@@ -171,6 +171,7 @@ class CheckpointUploader:
         self._manifests: dict[str, Manifest] = {}  # store path of checkpoint -> its manifest
         self._failures: list[tuple[str, Path, BaseException]] = []
         self._in_flight: UploadJob | None = None  # the checkpoint the worker is storing now
+        self._node_reports: NodeReports | None = None  # multi-node training: where other nodes report
         self._reported = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
@@ -194,6 +195,8 @@ class CheckpointUploader:
             failed = len(self._failures) > self._reported
         if failed:
             self._stop_and_account([job])
+        if job.other_nodes is not None:
+            self._node_reports = job.other_nodes.reports
         started = time.monotonic()
         try:
             self._queue.put_nowait(job)
@@ -262,6 +265,8 @@ class CheckpointUploader:
         """
         if store_queued is None:
             store_queued = not isinstance(error, KeyboardInterrupt)
+        if self._node_reports is not None:  # a dead node never reports: bounded wait from here
+            self._node_reports.hurry()
         try:
             not_stored = self._finish_after_error(store_queued, why=f"training ended with {type(error).__name__}")
         finally:
