@@ -27,8 +27,8 @@ from mlstack.native.processes import free_port
 
 RAY = Path(sys.executable).with_name("ray")
 STOP_GRACE_S = 2
-# The head notices a dead node after its health checks fail: 1 s apart, 5 in a row (Ray's defaults
-# add up to about 30 s, most of a test's budget).
+# The head notices a dead node after its health checks fail: 1 s apart, 5 in a row (Ray's defaults,
+# 3 s apart, take 15 s or more: a good part of the test's budget).
 HEAD_HEALTH_CHECK_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
 NODES_SCRIPT = """
 import json, sys, ray

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from ray_cluster import RayCluster
-from test_sweeps import children, cli_env, parent_id_from, stored_checkpoints, unique, write_sweep
+from test_sweeps import (children, cli_env, client, parent_id_from, stored_checkpoints,  # noqa: F401 - client: a fixture
+                         unique, write_sweep)
 
 from mltrainer.naming import checkpoint_store_path
 from mltrainer.store import list_checkpoints
@@ -44,14 +44,6 @@ def wait_for(what: str, check, proc: subprocess.Popen, logs: Path, timeout: floa
 
 def tail(logs: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(logs.glob("*.txt")))
-
-
-@pytest.fixture(scope="module")
-def client(native_stack):
-    import os
-
-    os.environ.update({k: v for k, v in native_stack.client_env().items() if k.startswith("MLFLOW_TRACKING_")})
-    return MlflowClient(native_stack.uri)
 
 
 @pytest.fixture(scope="module")
