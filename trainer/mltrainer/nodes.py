@@ -8,9 +8,9 @@ transformers (5.x) writes where, for ``--nnodes 2 --nproc_per_node 1`` (measured
   ``rng_state_0.pth``; every other rank writes only its ``rng_state_<rank>.pth``, into its own
   node's folder. A resume needs every rank's RNG file, so node 1's file belongs in the checkpoint.
 - ``save_on_each_node`` true: each node's local rank 0 also writes optimizer, scheduler,
-  ``trainer_state.json`` and ``training_args.bin`` (the last two differ from node 0's: they
-  hold the node's own output path and ``is_world_process_zero``); the weights and config are
-  still written by global rank 0 only.
+  tokenizer files, ``trainer_state.json`` and ``training_args.bin`` (the last two differ from
+  node 0's: they hold the node's own output path and ``is_world_process_zero``); the weights and
+  model config are still written by global rank 0 only.
 - Sharded states (FSDP ``SHARDED_STATE_DICT``, DeepSpeed) are rank-local files by name too.
 
 So a file is owned by the lowest node that has it (node 0's copy is the canonical one, and node 0
