@@ -8,6 +8,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -96,6 +98,17 @@ def test_balancer_speaks_only_tls_with_the_printed_certificate(scaled_stack):
 
     first = fingerprint(x509.load_pem_x509_certificate(Path(cert).read_bytes()))
     assert scaled_stack.stack.tls_material(scaled_stack.env).fingerprint == first
+
+
+def test_a_new_teammate_is_told_the_https_uri_and_the_certificate(scaled_stack):
+    proc = subprocess.run([sys.executable, "-m", "mlstack.native.cli", "--state-dir", str(scaled_stack.stack.state_dir),
+                           "user", f"mate{uuid.uuid4().hex[:6]}"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("STACK_")})
+    assert proc.returncode == 0, proc.stderr
+    assert f"export MLFLOW_TRACKING_URI={scaled_stack.uri}" in proc.stdout
+    fingerprint = scaled_stack.stack.tls_material(scaled_stack.env).fingerprint
+    assert f"MLFLOW_TRACKING_SERVER_CERT_PATH=<a copy of {scaled_stack.env['MLFLOW_TRACKING_SERVER_CERT_PATH']}>" in proc.stdout
+    assert fingerprint in proc.stdout
 
 
 def test_logins_permissions_and_downloads_are_the_same_on_every_instance(scaled_stack):
@@ -227,6 +240,9 @@ def test_trainers_lose_nothing_when_an_instance_is_killed(scaled_stack, tmp_path
         assert served_before > 0, "the killed instance never got a request: the balancer did not spread the load"
         assert sum(1 for t in load.step_times if t > killed_at + 2) >= UPLOADERS, "too little ran after the kill"
         assert not stack.handle("mlflow-2").alive() and stack.handle("mlflow").alive() and stack.handle(BALANCER).alive()
+        balancer_log = (stack.logs / "balancer.log").read_text(errors="replace")
+        assert any("mlflow-2" in line and " is DOWN" in line for line in balancer_log.splitlines()), \
+            "HAProxy's health checks never took the killed instance out"
 
         client = MlflowClient(scaled_stack.uri)
         for run_id, files in load.sent_files.items():

@@ -107,7 +107,12 @@ def cmd_user(args: argparse.Namespace) -> int:
     cmd += ["--reset-password"] if args.reset_password else []
     cmd += ["--password-stdin"] if args.password_stdin else []
     # Not through the job log: the password is printed once, to the terminal, and kept nowhere.
-    return subprocess.run(cmd, env=s.service_environment("users-init", env, env)).returncode
+    code = subprocess.run(cmd, env=s.service_environment("users-init", env, env)).returncode
+    if code == 0 and env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        # Behind the balancer's self-signed certificate, the teammate needs it too.
+        print(f"  export MLFLOW_TRACKING_SERVER_CERT_PATH=<a copy of {env['MLFLOW_TRACKING_SERVER_CERT_PATH']}>  "
+              f"(SHA-256 {stack.tls_material(env).fingerprint})")
+    return code
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
