@@ -195,6 +195,52 @@ def test_light_run_lookup_an_auth_check_of_a_metrics_request_does_not_load_the_r
     assert "FROM params" not in statements
 
 
+def statements_of(native_stack, request) -> str:
+    """The SQL the observed server ran (its connections alone log statements) while ``request()`` ran."""
+    pg_log = native_stack.stack.logs / "postgres.log"
+    offset = pg_log.stat().st_size
+    request()
+    with open(pg_log, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
+def log_metric(observed, native_stack, rid: str, step: int) -> None:
+    resp = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-metric", auth=native_stack.trainer_auth, timeout=60,
+                         json={"run_id": rid, "key": "loss", "value": 0.5, "timestamp": 1, "step": step})
+    assert resp.status_code == 200, resp.text
+
+
+def test_light_run_lookup_a_runs_experiment_is_looked_up_once_per_worker(observed, run, native_stack):
+    client, _ = run
+    fresh = client.create_run(client.get_experiment_by_name("patches-in-effect").experiment_id).info.run_id
+    first = statements_of(native_stack, lambda: log_metric(observed, native_stack, fresh, 1))
+    second = statements_of(native_stack, lambda: log_metric(observed, native_stack, fresh, 2))
+    # The handler reads the run itself (is it active?); the auth check's lookup is the one less.
+    assert second.count("FROM runs") == first.count("FROM runs") - 1, (first, second)
+
+
+def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflows(observed, run, native_stack):
+    client, created = run
+    rid = created.info.run_id
+    body = {"run_id": rid, "metrics": [{"key": f"m{k}", "value": float(step * 10 + k), "timestamp": 1000 + step,
+                                        "step": step} for step in (3, 1, 2) for k in range(10)]}
+
+    def log_batch():
+        resp = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth,
+                             json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+
+    statements = statements_of(native_stack, log_batch)
+    assert statements.count("INSERT INTO metrics") == 1, statements
+    assert statements.count("INSERT INTO latest_metrics") == 1, statements
+    assert "UPDATE latest_metrics" not in statements and "FOR UPDATE" not in statements, statements
+    log_batch()  # the same points again (a retried request): accepted, stored once
+    latest = client.get_run(rid).data.metrics
+    assert latest == {f"m{k}": float(30 + k) for k in range(10)}  # step 3's, though step 2 came last
+    assert sorted(m.step for m in client.get_metric_history(rid, "m4")) == [1, 2, 3]
+
+
 def test_presigned_transfers_urls_name_the_public_endpoint_and_work(observed, run, native_stack):
     client, created = run
     repo = HttpArtifactRepository(

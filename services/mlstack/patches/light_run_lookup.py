@@ -3,11 +3,14 @@
 To authorize a write to a run (log_batch, set_tag...), MLflow's auth app loads the whole run
 (every param, tag and latest metric) only to read its experiment id. A training run logs a
 few hundred params, and that load was 65% of the server's CPU per log_batch (py-spy, bench/):
-35 ms of CPU per metrics request.
+35 ms of CPU per metrics request. The answer is remembered per worker (a run never changes
+experiment): with it, the auth check of a metrics request touches the tracking database not at all.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from types import SimpleNamespace
 
 from mlstack.patches.self_check import Patch
@@ -61,14 +64,41 @@ PATCH = Patch(
 )
 
 
+# A run's experiment never changes (MLflow has no call that moves a run) and run ids are never
+# reused, so each worker remembers the answer: the auth check of a metrics request then costs no
+# database session (each session's checkout pings PostgreSQL first) and no query. A run unknown to
+# the database is never remembered: its lookup raises before anything is stored. Bounded, oldest
+# dropped first; one entry is ~150 bytes.
+RUN_EXPERIMENTS_REMEMBERED = 50_000
+_experiment_of_run: OrderedDict[str, str] = OrderedDict()
+_remembered_lock = threading.Lock()
+
+
 class _RunExperimentView:
     def __init__(self, store):
         self._store = store
+        # A store that scopes queries to a workspace (a subclass) may answer differently per
+        # request: only the plain store's answers are remembered.
+        self._remember = type(store) is _plain_store_class()
 
     def get_run(self, run_id: str):
-        with self._store.ManagedSessionMaker() as session:
-            run = self._store._get_run(run_uuid=run_id, session=session, eager=False)
-            return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=str(run.experiment_id)))
+        experiment_id = _experiment_of_run.get(run_id) if self._remember else None
+        if experiment_id is None:
+            with self._store.ManagedSessionMaker() as session:
+                run = self._store._get_run(run_uuid=run_id, session=session, eager=False)
+                experiment_id = str(run.experiment_id)
+            if self._remember:
+                with _remembered_lock:
+                    _experiment_of_run[run_id] = experiment_id
+                    while len(_experiment_of_run) > RUN_EXPERIMENTS_REMEMBERED:
+                        _experiment_of_run.popitem(last=False)
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
 
     def __getattr__(self, name):
         return getattr(self._store, name)
+
+
+def _plain_store_class():
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    return SqlAlchemyStore
