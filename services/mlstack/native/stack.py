@@ -200,7 +200,8 @@ class Stack:
             raise StackError(str(exc)) from None
 
     def instance_keys(self) -> list[str]:
-        """pid keys of the running configuration's server instances, recorded or not."""
+        """pid keys of the server instances: "mlflow" (the first, or the only one) and each
+        "mlflow-N" the state file records."""
         extra = sorted((k for k in self.state.get("pids", {}) if k.startswith("mlflow-")),
                        key=lambda k: int(k.split("-")[1]))
         return ["mlflow", *extra]
