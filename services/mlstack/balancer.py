@@ -84,7 +84,7 @@ def haproxy_config(*, bind: str, port: int, bundle: Path, backends: Backends, he
         "    timeout check 3s",
         "    retries 3",
         "    option redispatch 1",
-        "    retry-on conn-failure empty-response response-timeout",
+        "    retry-on conn-failure empty-response",
         "",
         "frontend tracking",
         f"    bind {bind}:{port} ssl crt {bundle} alpn http/1.1",
