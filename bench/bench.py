@@ -408,33 +408,20 @@ def case_metrics(b: Bench) -> dict:
         trainer.append(r)
         log(f"metrics rep {rep + 1}/{a.repeat}: trainer side {r['points'] / r['enqueue_s']:.0f} points/s enqueued, "
             f"{r['points'] / r['total_s']:.0f} points/s stored")
-    from mlflow.tracking import MlflowClient
+    # Server side: the load of bench/metrics_load.py (one process per client, each its own run, a
+    # common start), so the figure here and the load balancer's (bench/lb_figures.py) are one load.
+    from metrics_load import run_load
 
-    os.environ.update(b.mlflow_env)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("bench-metrics")
-    exp_id = exp.experiment_id if exp else client.create_experiment("bench-metrics")
     server = []
     for rep in range(a.repeat):
-        run_id = client.create_run(exp_id, run_name="bench-server-metrics").info.run_id
-        start_at = time.time() + 8  # every client imported and connected before the clock starts
-        procs = []
-        for i in range(a.metric_clients):
-            out = b.work / f"metrics-client-{rep}-{i}.json"
-            payload = {"run_id": run_id, "start_at": start_at, "requests": a.metric_requests, "batch": 100, "index": i}
-            procs.append((out, subprocess.Popen([sys.executable, str(HERE / "worker.py"), "metrics-client",
-                                                 json.dumps(payload), str(out)], env=b.client_env())))
-        for out, p in procs:
-            if p.wait() != 0:
-                raise RuntimeError("metrics client failed")
-        results = [json.loads(out.read_text()) for out, _ in procs]
-        lat = sorted(x for r in results for x in r["latencies"])
-        wall = max(r["seconds"] for r in results)
-        server.append({"points_per_s": sum(r["points"] for r in results) / wall,
-                       "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]})
-        client.set_terminated(run_id, "FINISHED")
-        log(f"metrics rep {rep + 1}/{a.repeat}: {a.metric_clients} clients {server[-1]['points_per_s']:.0f} points/s, "
-            f"p50 {server[-1]['p50_ms']:.0f} ms, p99 {server[-1]['p99_ms']:.0f} ms")
+        r = run_load(b.mlflow_env["MLFLOW_TRACKING_URI"], b.mlflow_env["MLFLOW_TRACKING_USERNAME"],
+                     b.mlflow_env["MLFLOW_TRACKING_PASSWORD"], clients=a.metric_clients, requests=a.metric_requests,
+                     batch=100, client="mlflow", experiment="bench-metrics")
+        if r["errors"]:
+            raise RuntimeError(f"metrics load: {r['errors']} requests refused, e.g. {r['error_samples'][:2]}")
+        server.append(r)
+        log(f"metrics rep {rep + 1}/{a.repeat}: {a.metric_clients} clients {r['points_per_s']:.0f} points/s, "
+            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms")
     return {
         "trainer": {"steps": a.metric_steps, "metrics_per_step": 10,
                     "call_p50_ms": summary([r["call_p50_ms"] for r in trainer]),
@@ -561,7 +548,7 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--resume-model", help="minilm (default when .models/ has it) or tiny")
     p.add_argument("--metric-steps", type=int, help="trainer-side log_metrics calls (default 2000; smoke 50)")
-    p.add_argument("--metric-clients", type=int, default=4)
+    p.add_argument("--metric-clients", type=int, default=8)
     p.add_argument("--metric-requests", type=int, help="log_batch requests per client (default 100; smoke 5)")
     p.add_argument("--dedup-saves", type=int, help="checkpoints in the dedup case (default 10; smoke 3)")
     p.add_argument("--tracking-uri", help="use this running stack instead of starting one")

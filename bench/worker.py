@@ -324,29 +324,8 @@ def metrics_trainer(a: dict) -> dict:
             "call_p99_ms": 1000 * calls[int(len(calls) * 0.99)], "stored_steps": len(history)}
 
 
-def metrics_client(a: dict) -> dict:
-    """One of N concurrent clients: synchronous log_batch requests of ``batch`` points each."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    run_id = a["run_id"]
-    lat = []
-    t0 = time.time()
-    while time.time() < a["start_at"]:
-        time.sleep(0.01)
-    started = time.perf_counter()
-    ts = int(t0 * 1000)
-    for i in range(a["requests"]):
-        metrics = [Metric(f"c{a['index']}_m{j % 10}", float(i), ts, i * 100 + j // 10) for j in range(a["batch"])]
-        t = time.perf_counter()
-        client.log_batch(run_id, metrics=metrics)
-        lat.append(time.perf_counter() - t)
-    return {"seconds": time.perf_counter() - started, "latencies": lat, "points": a["requests"] * a["batch"]}
-
-
 KINDS = {f.__name__.replace("_", "-"): f for f in
-         (train, ours_upload, ours_download, boto3_upload, boto3_download, local_copy, metrics_trainer, metrics_client)}
+         (train, ours_upload, ours_download, boto3_upload, boto3_download, local_copy, metrics_trainer)}
 
 
 def main() -> int:
