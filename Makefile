@@ -27,7 +27,7 @@ COMPOSE_RUN := infra/compose-run.sh $(COMPOSE) run
 export GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: backup restore stack-backup stack-restore help venv lock up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench
+.PHONY: backup restore stack-backup stack-restore help venv lock up trainer-image down logs ps compose-config compose-test stack stack-down stack-status user compose-user test unit train demo bench bench-compose
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -181,3 +181,6 @@ demo: $(STAMP) $(MINILM_DIR) ## First run: set up, start the native stack, fine-
 # --- Benchmarks -----------------------------------------------------------------------------
 bench: $(STAMP) ## Benchmarks next to their baselines on an own native stack (ARGS="--smoke", "--cases transfer", ...)
 	$(BIN)/python bench/bench.py $(ARGS)
+
+bench-compose: $(STAMP) ## The bench's transfer, resume, train and metrics cases against a compose stack of its own (Docker, else podman)
+	$(BIN)/python bench/compose_bench.py $(ARGS)

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import COMPOSE_FILES, FIGURES, REPO, ComposeProject, log
+from conftest import FIGURES
+from project import COMPOSE_FILES, REPO, ComposeProject, log
 
 from mltrainer.errors import EXIT_RESUME
 
