@@ -548,7 +548,7 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--resume-model", help="minilm (default when .models/ has it) or tiny")
     p.add_argument("--metric-steps", type=int, help="trainer-side log_metrics calls (default 2000; smoke 50)")
-    p.add_argument("--metric-clients", type=int, default=8)
+    p.add_argument("--metric-clients", type=int, help="concurrent log_batch clients (default 8; smoke 2)")
     p.add_argument("--metric-requests", type=int, help="log_batch requests per client (default 100; smoke 5)")
     p.add_argument("--dedup-saves", type=int, help="checkpoints in the dedup case (default 10; smoke 3)")
     p.add_argument("--tracking-uri", help="use this running stack instead of starting one")
@@ -558,7 +558,7 @@ def parse(argv=None):
     a = p.parse_args(argv)
     smoke = a.smoke
     defaults = dict(repeat=(1, 3), transfer_mb=(20, 1000), train_model=("tiny32", "tiny"), train_steps=(4, 400),
-                    save_every=(2, 100), metric_steps=(50, 2000), metric_requests=(5, 100), dedup_saves=(3, 10),
+                    save_every=(2, 100), metric_steps=(50, 2000), metric_requests=(5, 100), metric_clients=(2, 8), dedup_saves=(3, 10),
                     resume_model=("tiny32", "minilm" if MINILM.is_dir() else "tiny"))
     for k, (small, full) in defaults.items():
         if getattr(a, k) is None:
