@@ -328,15 +328,3 @@ def test_server_runs_without_a_patch_only_when_allowed_and_says_so(native_stack,
         assert [line for line in log.splitlines() if "RUNNING WITHOUT PATCH" in line and "streaming_download" not in line] == []
     finally:
         stop_tree(server.handle)
-
-
-def test_the_servers_workers_parse_http_with_httptools_on_uvloop(native_stack):
-    """uvicorn picks its C parser and event loop only when they import: without them it falls back
-    to h11 and asyncio, silently, at a large CPU cost on the proxied artifact path."""
-    master = psutil.Process(native_stack.stack.handle("mlflow").pid)
-    workers = [p for p in master.children(recursive=True) if "gunicorn" in " ".join(p.cmdline())]
-    assert workers, "the stack's MLflow server has gunicorn workers"
-    for worker in workers:
-        loaded = {m.path for m in worker.memory_maps()}
-        assert any("/httptools/" in path for path in loaded), f"worker {worker.pid} has no httptools"
-        assert any("/uvloop/" in path for path in loaded), f"worker {worker.pid} has no uvloop"
