@@ -11,8 +11,11 @@ Why each choice:
   was killed while it held the request), is sent again to another instance (``retry-on`` with
   ``option redispatch``), so a dying instance fails no request HAProxy can still replay (bodies
   up to the buffer size: metrics, small files). A longer upload cut off gets a 502 and the MLflow
-  client's own retries send it again. Replays are safe here: MLflow stores a metric point with the
-  same key, step, timestamp and value once, and an artifact PUT to the same path writes the same object.
+  client's own retries send it again. Only replays that are safe: a connection that failed never
+  delivered the request; after no response, a PUT (an artifact to the same path writes the same
+  object) and a metrics POST (MLflow stores a point with the same key, step, timestamp and value
+  once) go again, any other POST does not (a create_run or a new model may already be stored: the
+  client gets a 502 rather than a duplicate).
 - Timeouts as long as the instances' own (gunicorn's 600 s): a large checkpoint file streams
   through without HAProxy cutting it.
 - X-Forwarded-For is set by HAProxy alone (a client's own is dropped), so the servers, which trust
@@ -90,6 +93,8 @@ def haproxy_config(*, bind: str, port: int, bundle: Path, backends: Backends, he
         f"    bind {bind}:{port} ssl crt {bundle} alpn http/1.1",
         "    http-request del-header X-Forwarded-For",
         "    http-request set-header X-Forwarded-Proto https",
+        # retry-on in defaults, narrowed here (HAProxy takes no http-request rule in a defaults section).
+        "    http-request disable-l7-retry if METH_POST !{ path_end /runs/log-batch /runs/log-metric }",
         "    option forwardfor",
         "    default_backend servers",
         "",

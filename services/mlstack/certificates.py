@@ -46,11 +46,22 @@ def fingerprint(cert: x509.Certificate) -> str:
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
-def names_for(public_url_host: str | None) -> list[str]:
-    """Every name a client on this host or a teammate may use for the server."""
-    names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+def required_names(public_url_host: str | None) -> list[str]:
+    """The names a kept certificate must cover to be reused: loopback and the public URL's host.
+
+    Not the machine's hostname: in compose that is the lb-init container's id, new with every
+    container, and remaking the certificate for it would change the fingerprint teammates trust."""
+    names = ["localhost", "127.0.0.1", "::1"]
     if public_url_host and public_url_host not in names:
         names.append(public_url_host)
+    return names
+
+
+def names_for(public_url_host: str | None) -> list[str]:
+    """Every name a client on this host or a teammate may use for the server (a new certificate's)."""
+    names = required_names(public_url_host)
+    if socket.gethostname() not in names:
+        names.append(socket.gethostname())
     return names
 
 
@@ -134,10 +145,9 @@ def ensure_tls_material(directory: Path, cert_file: str = "", key_file: str = ""
         self_signed = chain[0].issuer == chain[0].subject
     else:
         cert_path, key_path = directory / SELF_SIGNED_CERT, directory / SELF_SIGNED_KEY
-        names = names_for(public_host)
         if not (cert_path.is_file() and key_path.is_file()) or \
-                not _covers(x509.load_pem_x509_certificate(cert_path.read_bytes()), names):
-            _make_self_signed(directory, names)
+                not _covers(x509.load_pem_x509_certificate(cert_path.read_bytes()), required_names(public_host)):
+            _make_self_signed(directory, names_for(public_host))
             made_now = True
         chain, key_pem = _load(cert_path, key_path, "the self-signed certificate", "its key")
         self_signed = True

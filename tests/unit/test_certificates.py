@@ -36,6 +36,18 @@ def test_a_new_public_name_makes_a_new_certificate(tmp_path):
     assert "tracking.example.org" in names
 
 
+def test_a_new_machine_hostname_keeps_the_certificate(tmp_path, monkeypatch):
+    """compose's lb-init gets a new hostname (its container id) with every container: the kept
+    certificate, and the fingerprint teammates trust, must survive that."""
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "0123456789ab")
+    first = ensure_tls_material(tmp_path)
+    monkeypatch.setattr(socket, "gethostname", lambda: "ba9876543210")
+    again = ensure_tls_material(tmp_path)
+    assert not again.made_now and again.fingerprint == first.fingerprint
+
+
 def test_operators_certificate_is_checked_against_its_key(tmp_path):
     a, b = ensure_tls_material(tmp_path / "a"), ensure_tls_material(tmp_path / "b", public_host="other.example")
     given = ensure_tls_material(tmp_path / "lb", str(a.certificate), str(tmp_path / "a" / "key.pem"))
@@ -61,6 +73,8 @@ def test_haproxy_config_checks_health_retries_elsewhere_and_sets_forwarded_for(t
     assert "server mlflow-2 127.0.0.1:4002 check inter 1s fall 2 rise 2" in lines
     assert "http-check send meth GET uri /health ver HTTP/1.1 hdr Host 127.0.0.1" in lines
     assert "option redispatch 1" in lines and any(line.startswith("retry-on conn-failure empty-response") for line in lines)
+    # A POST that may have been carried out (create_run, a model...) is not sent again; metric batches are.
+    assert "http-request disable-l7-retry if METH_POST !{ path_end /runs/log-batch /runs/log-metric }" in lines
     # The client's own X-Forwarded-For is dropped before HAProxy adds the real one.
     assert lines.index("http-request del-header X-Forwarded-For") < lines.index("option forwardfor")
     dns = haproxy_config(bind="0.0.0.0", port=8443, bundle=tmp_path / BUNDLE, health_host="mlflow",
