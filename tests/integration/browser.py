@@ -18,6 +18,9 @@ from system_packages import ensure_programs
 REPO = Path(__file__).resolve().parents[2]
 # Wide enough that the models table renders its first metric columns (it draws only the visible ones).
 VIEWPORT = {"width": 3000, "height": 1200}
+# Each wait and page load: the UI's JavaScript (megabytes) arrives slowly from a server sharing
+# 2 cores with a compose build, as in CI; Playwright's own default is 30 s.
+UI_TIMEOUT_MS = 180_000
 
 
 def screenshot_dir() -> Path:
@@ -40,6 +43,18 @@ def chromium() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page, path: Path) -> Iterator[None]:
+    """Whatever fails inside, the page as it was then is saved to ``path`` first."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(path))
+            print(f"UI test failed: the page is in {path}")
+        raise
 
 
 def table_row(page, label: str) -> list[str] | None:

@@ -18,7 +18,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from playwright.sync_api import Error as PlaywrightError
 
-from browser import VIEWPORT, chromium, screenshot_dir, table_row
+from browser import UI_TIMEOUT_MS, VIEWPORT, chromium, screenshot_dir, screenshot_on_failure, table_row
 from trainer_support import (
     MANIFEST, REPO, RUN_LINE, TINY, artifact_prefix, read_object, run_cli, sha256, step_path,
     stored_checkpoints, train, train_args, trainer_client, trainer_env, unique_experiment,
@@ -289,6 +289,7 @@ def test_the_ui_lists_each_checkpoint_with_its_step_metrics_and_marks(native_sta
     with chromium() as browser:
         # The server asks for credentials: a browser that has none is refused (Chromium's error for a 401).
         anonymous = browser.new_context()
+        anonymous.set_default_timeout(UI_TIMEOUT_MS)
         with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
             anonymous.new_page().goto(links["Checkpoints"])
         anonymous.close()
@@ -296,33 +297,41 @@ def test_the_ui_lists_each_checkpoint_with_its_step_metrics_and_marks(native_sta
         user, password = native_stack.trainer_auth
         page = browser.new_context(http_credentials={"username": user, "password": password},
                                    viewport=VIEWPORT).new_page()
-        page.goto(links["Checkpoints"])
-        page.get_by_role("heading", name="Models").wait_for(timeout=60_000)
-        # Other tests of this module train more runs into the experiment: the page lists every live
-        # checkpoint model of it, this run's kept ones among them, and nothing else.
-        listed = {m.model_id: m.name for m in client.search_logged_models(
-            [run.info.experiment_id], filter_string="model_type = 'checkpoint'")}
-        assert {m.model_id for m in models.values()} <= set(listed)
-        names = page.locator("[role=gridcell][col-id=name] a")
-        names.nth(len(listed) - 1).wait_for(timeout=60_000)
-        page.screenshot(path=str(shots / "checkpoint-models.png"))
-        rows = page.eval_on_selector_all(
-            "[role=row][row-id]", "rows => rows.map(r => [r.getAttribute('row-id'), r.querySelector('[col-id=name] a')?.innerText])")
-        assert {row_id: name for row_id, name in rows if name} == listed
-        for model in models.values():  # each row shows the eval_loss linked at its step
-            loss = next(m.value for m in model.metrics if m.key == "eval_loss")
-            cell = page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id*="eval_loss"]')
-            assert cell.inner_text() == repr(loss)
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        with screenshot_on_failure(page, shots / "failed.png"):
+            check_checkpoints_in_the_ui(page, client, run, models, links, latest, best, shots)
 
-        for path, model in sorted(models.items()):
-            page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id=name] a').click()
-            page.get_by_role("heading", name=model.name).wait_for(timeout=60_000)
-            marks = [word for word, at in (("latest", latest), ("best by eval_loss", best)) if at == path]
-            description = f"Step {model.params['step']}" + (": " + ", ".join(marks) if marks else "")
-            page.get_by_text(description, exact=True).wait_for(timeout=30_000)
-            assert table_row(page, "step") == ["step", model.params["step"]]
-            loss = next(m.value for m in model.metrics if m.key == "eval_loss")
-            assert table_row(page, "eval_loss")[-1] == repr(loss)
-            page.screenshot(path=str(shots / f"{model.name}.png"))
-            page.go_back()
-            names.nth(len(listed) - 1).wait_for(timeout=60_000)
+
+def check_checkpoints_in_the_ui(page, client, run, models, links, latest, best, shots) -> None:
+    """The Models tab lists every live checkpoint model with its eval_loss; each model's page shows
+    its step, its metrics and its latest/best marks."""
+    page.goto(links["Checkpoints"])
+    page.get_by_role("heading", name="Models").wait_for()
+    # Other tests of this module train more runs into the experiment: the page lists every live
+    # checkpoint model of it, this run's kept ones among them, and nothing else.
+    listed = {m.model_id: m.name for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string="model_type = 'checkpoint'")}
+    assert {m.model_id for m in models.values()} <= set(listed)
+    names = page.locator("[role=gridcell][col-id=name] a")
+    names.nth(len(listed) - 1).wait_for()
+    page.screenshot(path=str(shots / "checkpoint-models.png"))
+    rows = page.eval_on_selector_all(
+        "[role=row][row-id]", "rows => rows.map(r => [r.getAttribute('row-id'), r.querySelector('[col-id=name] a')?.innerText])")
+    assert {row_id: name for row_id, name in rows if name} == listed
+    for model in models.values():  # each row shows the eval_loss linked at its step
+        loss = next(m.value for m in model.metrics if m.key == "eval_loss")
+        cell = page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id*="eval_loss"]')
+        assert cell.inner_text() == repr(loss)
+
+    for path, model in sorted(models.items()):
+        page.locator(f'[row-id="{model.model_id}"] [role=gridcell][col-id=name] a').click()
+        page.get_by_role("heading", name=model.name).wait_for()
+        marks = [word for word, at in (("latest", latest), ("best by eval_loss", best)) if at == path]
+        description = f"Step {model.params['step']}" + (": " + ", ".join(marks) if marks else "")
+        page.get_by_text(description, exact=True).wait_for()
+        assert table_row(page, "step") == ["step", model.params["step"]]
+        loss = next(m.value for m in model.metrics if m.key == "eval_loss")
+        assert table_row(page, "eval_loss")[-1] == repr(loss)
+        page.screenshot(path=str(shots / f"{model.name}.png"))
+        page.go_back()
+        names.nth(len(listed) - 1).wait_for()

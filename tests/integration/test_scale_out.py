@@ -40,12 +40,16 @@ UPLOADERS = 4
 def scaled_stack():
     ensure_programs({"haproxy": "haproxy"})
     state_dir = Path(tempfile.mkdtemp(prefix="mlstack-scale-"))
+    ports = free_stack_ports()
     try:
         # Only the start sees STACK_SERVERS: the layout it chose must hold for later commands.
-        with environ_set({**free_stack_ports(), "STACK_SERVERS": "2"}):
+        with environ_set({**ports, "STACK_SERVERS": "2"}):
             Stack(state_dir).up()
-        stack = Stack(state_dir)
-        yield RunningStack(stack, stack.environment())
+        # The ports stay chosen for the module, as the session's stack keeps its own in os.environ
+        # (tests/conftest.py): otherwise this stack's environment would name the session's ports.
+        with environ_set(ports):
+            stack = Stack(state_dir)
+            yield RunningStack(stack, stack.environment())
     finally:
         Stack(state_dir).down()
         shutil.rmtree(state_dir, ignore_errors=True)
