@@ -50,8 +50,8 @@ def wait_for_database(env: dict[str, str], timeout: float = 120.0) -> None:
     )
 
 
-def ensure_database(env: dict[str, str], name: str) -> None:
-    """CREATE DATABASE is not idempotent in PostgreSQL, hence the lookup first."""
+def _connect_to_main_database(env: dict[str, str]):
+    """An autocommit connection to the tracking database, the one that always exists."""
     import psycopg2
 
     conn = psycopg2.connect(
@@ -59,6 +59,12 @@ def ensure_database(env: dict[str, str], name: str) -> None:
         password=s.POSTGRES_PASSWORD.get(env), dbname=s.POSTGRES_DB.get(env),
     )
     conn.autocommit = True
+    return conn
+
+
+def ensure_database(env: dict[str, str], name: str) -> None:
+    """CREATE DATABASE is not idempotent in PostgreSQL, hence the lookup first."""
+    conn = _connect_to_main_database(env)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
@@ -83,13 +89,7 @@ def initialisation_lock(env: dict[str, str]):
     half-succeed (a known MLflow failure). The lock is PostgreSQL's, on the database that always
     exists, held for the session: a crashed instance's lock ends with its connection.
     """
-    import psycopg2
-
-    conn = psycopg2.connect(
-        host=s.DB_HOST.get(env), port=s.DB_PORT.get_int(env), user=s.POSTGRES_USER.get(env),
-        password=s.POSTGRES_PASSWORD.get(env), dbname=s.POSTGRES_DB.get(env),
-    )
-    conn.autocommit = True
+    conn = _connect_to_main_database(env)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (INIT_LOCK_KEY,))

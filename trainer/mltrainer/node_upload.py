@@ -27,7 +27,7 @@ from pathlib import Path
 from mltrainer.config import UploadConfig
 from mltrainer.manifest import FileDigest, file_digest
 from mltrainer.nodes import NodeReports
-from mltrainer.uploader import UploadError, retry
+from mltrainer.uploader import UploadError, retry, stop_worker
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ class NodeFilesUploader:
 
     def close(self) -> None:
         """Store what is queued, stop the worker, raise every failure."""
-        self._queue.put(_STOP)
-        self._thread.join()
-        with self._lock:
-            failures = list(self._failures)
-        if failures:
-            raise UploadError(failures)
+        stop_worker(self._queue, self._thread, _STOP, self._lock, self._failures)
 
     def end_after_error(self, error: BaseException) -> None:
         """Training ended with ``error``: queued files are still stored (a crash resumes from

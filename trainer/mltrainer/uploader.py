@@ -100,6 +100,16 @@ class UploadStats:
 _STOP = object()
 
 
+def stop_worker(queue, thread, stop, lock, failures: list) -> None:
+    """Ask an upload worker to stop after what is queued, wait for it, raise what it failed to store."""
+    queue.put(stop)
+    thread.join()
+    with lock:
+        failed = list(failures)
+    if failed:
+        raise UploadError(failed)
+
+
 def _lower_thread_priority(niceness: int = 10) -> None:
     """Let the training thread win the CPU: hashing and HTTP for uploads can wait a little.
 
@@ -244,12 +254,7 @@ class CheckpointUploader:
         if bar is not None:
             bar.close()
         self.stats.final_wait_s = time.perf_counter() - started
-        self._queue.put(_STOP)
-        self._thread.join()
-        with self._lock:
-            failures = list(self._failures)
-        if failures:
-            raise UploadError(failures)
+        stop_worker(self._queue, self._thread, _STOP, self._lock, self._failures)
 
     def end_after_error(self, error: BaseException, store_queued: bool | None = None) -> list[tuple[str, Path]]:
         """Training ended with ``error``: no checkpoint unaccounted for, no worker left behind.
