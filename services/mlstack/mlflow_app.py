@@ -16,13 +16,13 @@ def create_app():
 
     from mlstack import login_limiter, request_limits, user_admin_guard
     from mlstack.patches import (artifact_copy, light_run_lookup, metric_upsert, presigned_transfers,
-                                 streaming_download, streaming_upload)
+                                 request_parsing, streaming_download, streaming_upload)
     from mlstack.patches.self_check import Patching, versions
 
     patching = Patching()
     # Patches of MLflow's modules and classes: before the auth app is built from them.
     for patch in (streaming_upload.PATCH, presigned_transfers.PATCH, light_run_lookup.PATCH, metric_upsert.PATCH,
-                  user_admin_guard.PATCH):
+                  request_parsing.PATCH, user_admin_guard.PATCH):
         patching.install(patch)
     app = create_auth_app()
     if not isinstance(app, FastAPI):

@@ -231,14 +231,36 @@ def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflo
                              json=body, timeout=60)
         assert resp.status_code == 200, resp.text
 
+    requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth, timeout=60,
+                  json={"run_id": rid, "metrics": []})  # the auth check now knows the run's experiment
     statements = statements_of(native_stack, log_batch)
     assert statements.count("INSERT INTO metrics") == 1, statements
     assert statements.count("INSERT INTO latest_metrics") == 1, statements
     assert "UPDATE latest_metrics" not in statements and "FOR UPDATE" not in statements, statements
+    # A metrics-only batch reads its run once, in one session (MLflow's log_batch reads it twice).
+    assert statements.count("FROM runs") == 1, statements
     log_batch()  # the same points again (a retried request): accepted, stored once
     latest = client.get_run(rid).data.metrics
     assert latest == {f"m{k}": float(30 + k) for k in range(10)}  # step 3's, though step 2 came last
     assert sorted(m.step for m in client.get_metric_history(rid, "m4")) == [1, 2, 3]
+
+
+def test_metric_upsert_a_bad_point_is_refused_with_mlflows_message_and_nothing_is_stored(observed, run, native_stack):
+    client, created = run
+    rid = created.info.run_id
+    metrics = [{"key": "ok", "value": 1.0, "timestamp": 1, "step": 1},
+               {"key": "../up", "value": 2.0, "timestamp": 1, "step": 1}]
+    resp = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth, timeout=60,
+                         json={"run_id": rid, "metrics": metrics})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error_code"] == "INVALID_PARAMETER_VALUE" and "'metrics[1].name'" in resp.json()["message"]
+    assert client.get_metric_history(rid, "ok") == []
+    deleted = client.create_run(created.info.experiment_id).info.run_id
+    client.delete_run(deleted)
+    resp = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth, timeout=60,
+                         json={"run_id": deleted, "metrics": metrics[:1]})
+    assert resp.status_code == 400 and "must be in the 'active' state" in resp.json()["message"], resp.text
+    assert client.get_metric_history(deleted, "ok") == []
 
 
 def test_presigned_transfers_urls_name_the_public_endpoint_and_work(observed, run, native_stack):

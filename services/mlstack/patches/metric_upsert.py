@@ -19,9 +19,16 @@ On PostgreSQL the same outcome takes two statements:
 
 Validation, the run lookup and the "run is active" check are MLflow's own calls, in the same
 order. Other databases go to MLflow's code unchanged.
+
+A ``log_batch`` of metrics only (no params, tags or model ids: what trainers send) is validated by
+MLflow's batch checks once and stored in one session. MLflow's own ``log_batch`` opens a session
+to read the run and check it is active, then, inside it, the metric writer opens a second one
+(a second pooled connection) to read and check it again and validates every point a second time.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 from mlstack.patches.self_check import Patch
 
@@ -30,6 +37,9 @@ from mlstack.patches.self_check import Patch
 METRIC_COLUMNS = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}
 METRIC_PK = ("key", "timestamp", "step", "run_uuid", "value", "is_nan")
 LATEST_PK = ("key", "run_uuid")
+
+# Set while a metrics-only log_batch stores points its batch checks already validated.
+_batch_validated = contextvars.ContextVar("mlstack_metric_batch_validated", default=False)
 
 
 def install_metric_upsert() -> None:
@@ -49,6 +59,39 @@ def install_metric_upsert() -> None:
     _log_metrics_once._upserts = True
     SqlAlchemyStore._log_metrics_once = _log_metrics_once
 
+    real_log_batch = SqlAlchemyStore.log_batch
+
+    def log_batch(self, run_id, metrics, params, tags):
+        from mlflow.store.db.db_types import POSTGRES
+
+        if self.db_type != POSTGRES or params or tags or any(m.model_id is not None for m in metrics):
+            return real_log_batch(self, run_id, metrics, params, tags)
+        return _log_metrics_batch(self, run_id, metrics)
+
+    log_batch._upserts = True
+    SqlAlchemyStore.log_batch = log_batch
+
+
+def _log_metrics_batch(store, run_id: str, metrics) -> None:
+    """MLflow's log_batch for a batch of metrics only: its checks in its order, then the metric
+    writer's one session (the run, "active", the two statements), errors wrapped as MLflow does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+    from mlflow.store.tracking import sqlalchemy_store as sa_store
+
+    sa_store._validate_run_id(run_id)
+    metrics, _, _ = sa_store._validate_batch_log_data(metrics, [], [])
+    sa_store._validate_batch_log_limits(metrics, [], [])
+    validated = _batch_validated.set(True)
+    try:
+        store._log_metrics(run_id, metrics)
+    except MlflowException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow's log_batch reports any other failure this way
+        raise MlflowException(exc, INTERNAL_ERROR) from exc
+    finally:
+        _batch_validated.reset(validated)
+
 
 def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
     from mlflow.store.tracking import sqlalchemy_store as sa_store
@@ -58,10 +101,11 @@ def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
 
     rows, seen = [], set()
     single = len(metrics) == 1
+    validated = _batch_validated.get()
     for idx, metric in enumerate(metrics):
-        # MLflow's checks and messages, looked up where the store finds them.
-        sa_store._validate_metric(metric.key, metric.value, metric.timestamp, metric.step,
-                                  path="" if single else f"metrics[{idx}]")
+        if not validated:  # MLflow's checks and messages, looked up where the store finds them
+            sa_store._validate_metric(metric.key, metric.value, metric.timestamp, metric.step,
+                                      path="" if single else f"metrics[{idx}]")
         if metric in seen:
             continue
         seen.add(metric)
@@ -119,13 +163,20 @@ def check_metric_upsert(app) -> str | None:
 
     if not getattr(SqlAlchemyStore._log_metrics_once, "_upserts", False):
         return "SqlAlchemyStore._log_metrics_once is not the upserting writer"
+    if not getattr(SqlAlchemyStore.log_batch, "_upserts", False):
+        return "SqlAlchemyStore.log_batch is not the one-session metric batch"
+    from mlflow.store.tracking import sqlalchemy_store as sa_store
+
+    for name in ("_validate_run_id", "_validate_batch_log_data", "_validate_batch_log_limits", "_validate_metric"):
+        if not callable(getattr(sa_store, name, None)):
+            return f"mlflow.store.tracking.sqlalchemy_store has no {name}, which the metric writer calls"
     for model, pk in ((SqlMetric, METRIC_PK), (SqlLatestMetric, LATEST_PK)):
         table = model.__table__
         if set(table.c.keys()) != METRIC_COLUMNS:
             return f"MLflow's table {table.name} has columns {sorted(table.c.keys())}, not {sorted(METRIC_COLUMNS)}"
         if set(table.primary_key.columns.keys()) != set(pk):
             return f"MLflow's table {table.name} has the key {sorted(table.primary_key.columns.keys())}, not {sorted(pk)}"
-    for name in ("sanitize_metric_value", "_get_run", "_check_run_is_active"):
+    for name in ("sanitize_metric_value", "_get_run", "_check_run_is_active", "_log_metrics"):
         if not hasattr(SqlAlchemyStore, name):
             return f"SqlAlchemyStore has no {name}, which the metric writer calls"
     return None
