@@ -281,8 +281,9 @@ def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflo
                              json=body, timeout=60)
         assert resp.status_code == 200, resp.text
 
-    requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth, timeout=60,
-                  json={"run_id": rid, "metrics": []})  # the auth check now knows the run's experiment
+    warm = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-batch", auth=native_stack.trainer_auth, timeout=60,
+                         json={"run_id": rid, "metrics": []})  # the auth check now knows the run's experiment
+    assert warm.status_code == 200, warm.text
     statements = statements_of(native_stack, log_batch)
     assert statements.count("INSERT INTO metrics") == 1, statements
     assert statements.count("INSERT INTO latest_metrics") == 1, statements

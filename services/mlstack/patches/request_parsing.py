@@ -35,11 +35,8 @@ INT64 = (-(2**63), 2**63 - 1)
 def install_request_parsing() -> None:
     from mlflow.server import handlers
 
-    if getattr(handlers.parse_dict, "_parses_once", False):
-        return
-    real = handlers.parse_dict
-    parse = _make_parse_dict(real)
-    handlers.parse_dict = parse
+    if not getattr(handlers.parse_dict, "_parses_once", False):
+        handlers.parse_dict = _make_parse_dict(handlers.parse_dict)
 
 
 def check_request_parsing(app) -> str | None:

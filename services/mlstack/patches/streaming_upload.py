@@ -76,7 +76,10 @@ def relay_client(repo):
     CPU, for every byte a client uploads through it (0.8 CPU-s per GB measured, a sixth of the
     relay's CPU). The request itself stays signed, and botocore still sends each body's CRC-32
     (``x-amz-checksum-crc32``, a signed header) for S3 to check, so a part altered or cut short
-    is refused as before. MLflow caches one client per credentials, so this is set once.
+    is refused as before. The setting is on MLflow's cached client, so the server's other S3
+    calls through it (downloads, copies) send unsigned bodies too (they send none, or small
+    ones). MLflow makes a new client per endpoint and keys, and again every few hours: each one
+    is set on its first relayed upload.
     """
     client = repo._get_s3_client()
     s3_config = client.meta.config.s3 or {}
