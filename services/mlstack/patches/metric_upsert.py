@@ -8,14 +8,15 @@ server's CPU per request, the most of any part, and it caps how many points 8 tr
 
 On PostgreSQL the same outcome takes two statements:
 
-* the points: one multi-row ``INSERT``. When a point was stored before (same key, timestamp, step
-  and value: a retried request), the insert fails and MLflow's own code stores the batch instead,
-  skipping what is there as it always has;
-* the latest values: one ``INSERT ... ON CONFLICT (key, run_uuid) DO UPDATE ... WHERE`` the new
-  point is newer by (step, timestamp, value), MLflow's own order. PostgreSQL locks each
-  ``latest_metrics`` row it updates until the commit, as MLflow's ``SELECT ... FOR UPDATE`` did,
-  and the keys go in sorted order, as MLflow sorts them, so two batches never wait on each other
-  in a cycle.
+* the points: one ``INSERT ... SELECT FROM unnest(arrays)``, each column's values in one array,
+  so the statement's text is the same for every batch. When a point was stored before (same key,
+  timestamp, step and value: a retried request), the insert fails and MLflow's own code stores
+  the batch instead, skipping what is there as it always has;
+* the latest values, the same way: one ``INSERT ... ON CONFLICT (key, run_uuid) DO UPDATE ...
+  WHERE`` the new point is newer by (step, timestamp, value), MLflow's own order. PostgreSQL
+  locks each ``latest_metrics`` row it updates until the commit, as MLflow's ``SELECT ... FOR
+  UPDATE`` did, and the keys go in sorted order, as MLflow sorts them, so two batches never wait
+  on each other in a cycle.
 
 Validation, the run lookup and the "run is active" check are MLflow's own calls, in the same
 order. Other databases go to MLflow's code unchanged.
@@ -29,6 +30,8 @@ to read the run and check it is active, then, inside it, the metric writer opens
 from __future__ import annotations
 
 import contextvars
+import functools
+from typing import NamedTuple
 
 from mlstack.patches.self_check import Patch
 
@@ -57,6 +60,7 @@ def install_metric_upsert() -> None:
         return _upsert_metrics(self, run_id, metrics, mlflow_path=real)
 
     _log_metrics_once._upserts = True
+    _log_metrics_once.mlflows = real
     SqlAlchemyStore._log_metrics_once = _log_metrics_once
 
     real_log_batch = SqlAlchemyStore.log_batch
@@ -69,6 +73,7 @@ def install_metric_upsert() -> None:
         return _log_metrics_batch(self, run_id, metrics)
 
     log_batch._upserts = True
+    log_batch.mlflows = real_log_batch
     SqlAlchemyStore.log_batch = log_batch
 
 
@@ -95,11 +100,10 @@ def _log_metrics_batch(store, run_id: str, metrics) -> None:
 
 def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
     from mlflow.store.tracking import sqlalchemy_store as sa_store
-    from mlflow.store.tracking.dbmodels.models import SqlMetric
-    from sqlalchemy.dialects.postgresql import insert
     from sqlalchemy.exc import IntegrityError
 
-    rows, seen = [], set()
+    points = _Points()
+    seen = set()
     single = len(metrics) == 1
     validated = _batch_validated.get()
     for idx, metric in enumerate(metrics):
@@ -110,15 +114,15 @@ def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
             continue
         seen.add(metric)
         is_nan, value = store.sanitize_metric_value(metric.value)
-        rows.append({"key": metric.key, "value": value, "timestamp": metric.timestamp, "step": metric.step,
-                     "is_nan": is_nan, "run_uuid": run_id})
+        points.add(metric.key, value, metric.timestamp, metric.step, is_nan)
     with store.ManagedSessionMaker(read_only=False) as session:
         run = store._get_run(run_uuid=run_id, session=session)
         store._check_run_is_active(run)
-        if not rows:
+        if not points.keys:
             return
+        statements = _statements()
         try:
-            session.execute(insert(SqlMetric.__table__), rows)
+            session.execute(statements.insert_points, points.parameters(run_id))
         except IntegrityError:
             # A point stored before (a retried request): MLflow's own path finds which ones and
             # stores the rest. Rare, so the common batch pays for no conflict check per row
@@ -127,32 +131,102 @@ def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
             stored_before = True
         else:
             stored_before = False
-            _update_latest(session, rows)
+            session.execute(statements.upsert_latest, points.newest_per_key().parameters(run_id))
             session.commit()
     if stored_before:
         mlflow_path(store, run_id, metrics)
 
 
-def _update_latest(session, rows: list[dict]) -> None:
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric
-    from sqlalchemy import tuple_
-    from sqlalchemy.dialects.postgresql import insert
+class _Points:
+    """A batch's points as one list per column: each statement sends them as arrays, so its text
+    is the same for every batch (SQLAlchemy compiles it once; a multi-row VALUES was compiled per
+    batch, a third of the writer's CPU) and PostgreSQL parses a short statement."""
 
-    newest: dict[str, dict] = {}
-    for row in rows:  # per key, the newest point of the batch, in MLflow's order
-        best = newest.get(row["key"])
-        if best is None or (row["step"], row["timestamp"], row["value"]) > (best["step"], best["timestamp"], best["value"]):
-            newest[row["key"]] = row
-    table = SqlLatestMetric.__table__
-    # One multi-row VALUES: SQLAlchemy sends an executemany of an upsert row by row.
-    upsert = insert(table).values([newest[key] for key in sorted(newest)])
-    new = upsert.excluded
-    upsert = upsert.on_conflict_do_update(
-        index_elements=list(LATEST_PK),
-        set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
-        where=tuple_(new.step, new.timestamp, new.value) > tuple_(table.c.step, table.c.timestamp, table.c.value),
+    def __init__(self):
+        self.keys, self.values, self.timestamps, self.steps, self.is_nans = [], [], [], [], []
+
+    def add(self, key, value, timestamp, step, is_nan) -> None:
+        self.keys.append(key)
+        self.values.append(value)
+        self.timestamps.append(timestamp)
+        self.steps.append(step)
+        self.is_nans.append(is_nan)
+
+    def parameters(self, run_id: str) -> dict:
+        columns = (self.keys, self.values, self.timestamps, self.steps, self.is_nans)
+        return {"run_uuid": run_id, **{_array_parameter(name): column for name, column in zip(POINT_COLUMNS, columns)}}
+
+    def newest_per_key(self) -> "_Points":
+        """Per key, the newest point of the batch in MLflow's order (step, timestamp, value), keys
+        sorted as MLflow sorts them, so two batches lock the same rows in the same order."""
+        newest: dict[str, int] = {}
+        for i, key in enumerate(self.keys):
+            best = newest.get(key)
+            if best is None or (self.steps[i], self.timestamps[i], self.values[i]) > (
+                    self.steps[best], self.timestamps[best], self.values[best]):
+                newest[key] = i
+        out = _Points()
+        for key in sorted(newest):
+            i = newest[key]
+            out.add(key, self.values[i], self.timestamps[i], self.steps[i], self.is_nans[i])
+        return out
+
+
+# A point's columns, sent as one array each; run_uuid is the batch's one value.
+POINT_COLUMNS = ("key", "value", "timestamp", "step", "is_nan")
+
+
+def _array_parameter(column: str) -> str:
+    return f"{column}_array"
+
+
+class _Statements(NamedTuple):
+    insert_points: object
+    upsert_latest: object
+
+
+@functools.cache
+def _statements() -> _Statements:
+    """The two statements, written once per process from MLflow's table definitions (names and
+    column types). The upsert replaces a key's latest value only with a newer one by MLflow's
+    order, (step, timestamp, value)."""
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+    from sqlalchemy import text
+    from sqlalchemy.dialects import postgresql
+
+    quote = postgresql.dialect().identifier_preparer.quote
+    latest = SqlLatestMetric.__table__
+    order = ("step", "timestamp", "value")
+    upsert = (
+        f"{_insert_from_arrays(latest)} "
+        f"ON CONFLICT ({', '.join(quote(c) for c in LATEST_PK)}) DO UPDATE SET "
+        + ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in ("value", "timestamp", "step", "is_nan"))
+        + " WHERE (" + ", ".join(f"excluded.{quote(c)}" for c in order) + ") > ("
+        + ", ".join(f"{quote(latest.name)}.{quote(c)}" for c in order) + ")"
     )
-    session.execute(upsert)
+    return _Statements(text(_insert_from_arrays(SqlMetric.__table__)), text(upsert))
+
+
+def _insert_from_arrays(table) -> str:
+    """``INSERT INTO table (columns) SELECT ... FROM unnest(arrays) ORDER BY position``: one row per
+    array position, in the arrays' order."""
+    from sqlalchemy.dialects import postgresql
+
+    quote = postgresql.dialect().identifier_preparer.quote
+    columns = ", ".join(quote(c) for c in POINT_COLUMNS)
+    arrays = ", ".join(f"CAST(:{_array_parameter(c)} AS {_sql_type(table.c[c])}[])" for c in POINT_COLUMNS)
+    return (f"INSERT INTO {quote(table.name)} ({columns}, run_uuid) "
+            f"SELECT {columns}, CAST(:run_uuid AS {_sql_type(table.c.run_uuid)}) "
+            f"FROM unnest({arrays}) WITH ORDINALITY AS point({columns}, position) ORDER BY position")
+
+
+def _sql_type(column) -> str:
+    """The column's type for a cast, strings without their length: a cast to VARCHAR(250) would cut
+    a longer key silently, where storing it in the column is refused."""
+    from sqlalchemy import String
+    from sqlalchemy.dialects import postgresql
+
+    return "VARCHAR" if isinstance(column.type, String) else column.type.compile(dialect=postgresql.dialect())
 
 
 def check_metric_upsert(app) -> str | None:
