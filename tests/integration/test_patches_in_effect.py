@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from mlstack import settings as s
 from mlstack.native.processes import Handle, free_port, spawn, stop_tree, tail, wait_until
+from mlstack.patches.idle_ping import IDLE_BEFORE_PING_S
 from mlstack.patches.streaming_upload import PART_SIZE
 
 from trainer_support import artifact_prefix, read_object
@@ -268,6 +270,21 @@ def test_light_run_lookup_a_runs_experiment_is_looked_up_once_per_worker(observe
     second = statements_of(native_stack, lambda: log_metric(observed, native_stack, fresh, 2))
     # The handler reads the run itself (is it active?); the auth check's lookup is the one less.
     assert second.count("FROM runs") == first.count("FROM runs") - 1, (first, second)
+
+
+def pings(statements: str) -> int:
+    return len(re.findall(r"statement: SELECT 1\s*$", statements, flags=re.MULTILINE))
+
+
+def test_idle_ping_connections_used_moments_ago_are_not_pinged_idle_ones_are(observed, run, native_stack):
+    _, created = run
+    rid = created.info.run_id
+    log_metric(observed, native_stack, rid, 1)
+    recent = statements_of(native_stack, lambda: log_metric(observed, native_stack, rid, 2))
+    assert "INSERT INTO metrics" in recent and pings(recent) == 0, recent
+    time.sleep(IDLE_BEFORE_PING_S + 0.5)
+    idle = statements_of(native_stack, lambda: log_metric(observed, native_stack, rid, 3))
+    assert pings(idle) >= 1, idle  # MLflow pinged at every checkout: two or three per request
 
 
 def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflows(observed, run, native_stack):
