@@ -287,6 +287,17 @@ def test_idle_ping_connections_used_moments_ago_are_not_pinged_idle_ones_are(obs
     assert pings(idle) >= 1, idle  # MLflow pinged at every checkout: two or three per request
 
 
+def test_user_lookup_once_the_auth_check_loads_the_user_once(observed, run, native_stack):
+    _, created = run
+    rid = created.info.run_id
+    log_metric(observed, native_stack, rid, 1)  # the credential and the run's experiment are remembered
+    statements = statements_of(native_stack, lambda: log_metric(observed, native_stack, rid, 2))
+    assert statements.count("FROM users") == 1, statements  # MLflow's check loads the user twice
+    wrong = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-metric", auth=("trainer", "not-the-password"),
+                          json={"run_id": rid, "key": "loss", "value": 0.5, "timestamp": 1, "step": 3}, timeout=60)
+    assert wrong.status_code == 401, wrong.text
+
+
 def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflows(observed, run, native_stack):
     client, created = run
     rid = created.info.run_id
