@@ -53,9 +53,10 @@ TINY = REPO / "configs" / "models" / "tiny-bert"
 
 class Bench:
     def __init__(self, args, mlflow_env: dict[str, str], s3: dict[str, str] | None, mlflow_pid: int | None,
-                 work: Path, stack_pids: list[int] | None = None):
+                 work: Path, stack_pids: list[int] | None = None, postgres_pid: int | None = None):
         self.args, self.mlflow_env, self.s3, self.mlflow_pid, self.work = args, mlflow_env, s3, mlflow_pid, work
         self.stack_pids = stack_pids or []  # PostgreSQL, S3, MLflow: whose CPU the tracked runs also cost
+        self.postgres_pid = postgres_pid  # known on the bench's own stack only
 
     def client_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "S3_", "BENCH_S3"))}
@@ -412,16 +413,23 @@ def case_metrics(b: Bench) -> dict:
     # common start), so the figure here and the load balancer's (bench/lb_figures.py) are one load.
     from metrics_load import run_load
 
+    # Where the CPU of a request goes (the clients', the server's, PostgreSQL's), since on a small
+    # host they all share its cores; the server's and PostgreSQL's include the clients' start.
+    cpu_of = {"server": [b.mlflow_pid] if b.mlflow_pid else [], "postgres": [b.postgres_pid] if b.postgres_pid else []}
     server = []
     for rep in range(a.repeat):
+        cpu_before = {name: tree_cpu_seconds(pids) for name, pids in cpu_of.items() if pids}
         r = run_load(b.mlflow_env["MLFLOW_TRACKING_URI"], b.mlflow_env["MLFLOW_TRACKING_USERNAME"],
                      b.mlflow_env["MLFLOW_TRACKING_PASSWORD"], clients=a.metric_clients, requests=a.metric_requests,
                      batch=100, client="mlflow", experiment="bench-metrics")
         if r["errors"]:
             raise RuntimeError(f"metrics load: {r['errors']} requests refused, e.g. {r['error_samples'][:2]}")
+        r["cpu_ms_per_request"] = {"clients": r["client_cpu_ms_per_request"], **{
+            name: round(1000 * (tree_cpu_seconds(cpu_of[name]) - before) / r["requests"], 2)
+            for name, before in cpu_before.items()}}
         server.append(r)
         log(f"metrics rep {rep + 1}/{a.repeat}: {a.metric_clients} clients {r['points_per_s']:.0f} points/s, "
-            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms")
+            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms; CPU ms per request {r['cpu_ms_per_request']}")
     return {
         "trainer": {"steps": a.metric_steps, "metrics_per_step": 10,
                     "call_p50_ms": summary([r["call_p50_ms"] for r in trainer]),
@@ -431,7 +439,9 @@ def case_metrics(b: Bench) -> dict:
         "server": {"clients": a.metric_clients, "points_per_request": 100, "requests_per_client": a.metric_requests,
                    "points_per_s": summary([s["points_per_s"] for s in server], 0),
                    "p50_ms": summary([s["p50_ms"] for s in server], 1),
-                   "p99_ms": summary([s["p99_ms"] for s in server], 1)},
+                   "p99_ms": summary([s["p99_ms"] for s in server], 1),
+                   "cpu_ms_per_request": {name: summary([s["cpu_ms_per_request"].get(name) for s in server], 1)
+                                          for name in ("clients", "server", "postgres")}},
     }
 
 
@@ -476,6 +486,15 @@ TARGETS = {
 
 def rx(value, target: str = "") -> str:
     return "n/a" if value is None else f"{value:.2f}x" + (f"  [target {target}]" if target else "")
+
+
+def points_per_s_cores_allow(cpu_ms: dict, cores: int, points_per_request: int = 100) -> float | None:
+    """Points per second the host's cores would allow the server and PostgreSQL if the clients ran
+    elsewhere: a bound derived from the measured CPU per request, not a measurement."""
+    server, postgres = cpu_ms["server"].get("median"), cpu_ms["postgres"].get("median")
+    if not server or not postgres:
+        return None
+    return cores * 1000 / (server + postgres) * points_per_request
 
 
 def table(r: dict) -> str:
@@ -528,6 +547,11 @@ def table(r: dict) -> str:
                   f"{fmt(t['stored_points_per_s'], '', 0)}", "", ""),
                  ("", f"server, {sv['clients']} clients x log_batch(100): points/s", fmt(sv["points_per_s"], "", 0), "", ""),
                  ("", "  request latency p50 / p99, ms", f"{fmt(sv['p50_ms'], '', 0)} / {fmt(sv['p99_ms'], '', 0)}", "", "")]
+        if cpu := sv.get("cpu_ms_per_request"):
+            rows.append(("", "  CPU ms per request: clients / server / PostgreSQL",
+                         " / ".join(fmt(cpu[name], "", 1) for name in ("clients", "server", "postgres")), "", ""))
+            if bound := points_per_s_cores_allow(cpu, r["machine"]["logical_cores"]):
+                rows.append(("", "  what the cores allow server + PostgreSQL alone (derived)", f"{bound:.0f}", "", ""))
     if d := r["cases"].get("dedup"):
         rows.append(("5 dedup", f"{d['checkpoints']} ckpts: uploaded / folder MB",
                      f"{d['uploaded_bytes'] / MB:.1f}", f"{d['folder_bytes'] / MB:.1f}", rx(d["uploaded_fraction"])))
@@ -603,6 +627,7 @@ def main(argv=None) -> int:
             s3 = {k: os.environ[k] for k in names} if all(os.environ.get(k) for k in names) else None
             pid = a.mlflow_pid
             stack_pids = [pid] if pid else []
+            postgres_pid = None
             result["stack"] = "external"
         else:
             from mlstack.native.processes import free_port
@@ -621,9 +646,10 @@ def main(argv=None) -> int:
                   "BENCH_S3_SECRET": creds["secret_key"], "BENCH_S3_BUCKET": env["S3_BUCKET"]}
             pid = stack.handle("mlflow").pid
             stack_pids = [h.pid for h in (stack.handle(name) for name in ("postgres", "s3", "mlflow")) if h]
+            postgres_pid = stack.handle("postgres").pid if stack.handle("postgres") else None
             info["mlflow_workers"] = int(env["MLFLOW_WORKERS"])
             result["stack"] = "native (own)"
-        b = Bench(a, mlflow_env, s3, pid, work, stack_pids)
+        b = Bench(a, mlflow_env, s3, pid, work, stack_pids, postgres_pid)
         for case in a.cases:
             log(f"case {case}")
             t = time.perf_counter()

@@ -83,7 +83,7 @@ def _client(a: dict) -> dict:
     start_at = float(sys.stdin.readline())
     while time.time() < start_at:
         time.sleep(0.002)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     latencies, errors, points, i = [], [], 0, 0
     steps_per_request = batch // keys
     while (i < a["requests"]) if a["duration"] is None else (time.time() - started < a["duration"]):
@@ -95,7 +95,8 @@ def _client(a: dict) -> dict:
             errors.append(str(e)[:300])
         latencies.append(time.perf_counter() - t)
         i += 1
-    return {"started": started, "ended": time.time(), "latencies": latencies, "points": points, "errors": errors}
+    return {"started": started, "ended": time.time(), "latencies": latencies, "points": points, "errors": errors,
+            "cpu_s": time.process_time() - cpu_started}
 
 
 # -- the load -------------------------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ def run_load(tracking_uri: str, user: str, password: str, *, clients: int = DEFA
         "p50_ms": _ms(percentile(lat, 0.50)), "p90_ms": _ms(percentile(lat, 0.90)),
         "p99_ms": _ms(percentile(lat, 0.99)), "max_ms": _ms(lat[-1] if lat else None),
         "errors": len(errors), "error_samples": errors[:5],
+        # The clients' own CPU per request over the clock: on a small host they share the server's cores.
+        "client_cpu_ms_per_request": round(1000 * sum(r["cpu_s"] for r in results) / len(lat), 2) if lat else None,
         # A client that started late (a loaded host) shortens the real concurrency.
         "late_clients": len(late), "run_ids": run_ids,
     }

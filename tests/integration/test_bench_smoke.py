@@ -61,6 +61,9 @@ def test_bench_smoke_reports_every_case(native_stack, tmp_path):
     assert metrics["trainer"]["stored_points_per_s"]["median"] > 0
     assert metrics["server"]["points_per_s"]["median"] > 0
     assert 0 < metrics["server"]["p50_ms"]["median"] <= metrics["server"]["p99_ms"]["median"]
+    cpu = metrics["server"]["cpu_ms_per_request"]
+    assert cpu["clients"]["median"] > 0 and cpu["server"]["median"] > 0
+    assert cpu["postgres"]["n"] == 0  # an external stack: only the server's process is known
 
     dedup = result["cases"]["dedup"]
     assert dedup["checkpoints"] == 3
