@@ -89,8 +89,10 @@ def test_the_answers_are_mlflows_and_only_gateway_or_workspace_requests_run_its_
     assert dispatch_calls == ["path", "workspace"]  # the workspace middleware only
 
 
-def test_with_workspaces_enabled_the_workspace_middleware_runs_for_every_request(dispatch_calls, monkeypatch):
+def test_with_workspaces_enabled_the_workspace_middleware_runs_for_every_request(dispatch_calls, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_ENABLE_WORKSPACES", "true")
+    # Resolving a workspace opens MLflow's default store, a SQLite file in the working directory.
+    monkeypatch.chdir(tmp_path)
     app = build_app()
     install_direct_middleware(app)
     dispatch_calls.clear()
