@@ -52,11 +52,20 @@ TINY = REPO / "configs" / "models" / "tiny-bert"
 
 
 class Bench:
-    def __init__(self, args, mlflow_env: dict[str, str], s3: dict[str, str] | None, mlflow_pid: int | None,
-                 work: Path, stack_pids: list[int] | None = None, postgres_pid: int | None = None):
-        self.args, self.mlflow_env, self.s3, self.mlflow_pid, self.work = args, mlflow_env, s3, mlflow_pid, work
-        self.stack_pids = stack_pids or []  # PostgreSQL, S3, MLflow: whose CPU the tracked runs also cost
-        self.postgres_pid = postgres_pid  # known on the bench's own stack only
+    def __init__(self, args, mlflow_env: dict[str, str], s3: dict[str, str] | None, work: Path,
+                 service_pids: dict[str, int]):
+        self.args, self.mlflow_env, self.s3, self.work = args, mlflow_env, s3, work
+        # The stack's processes the bench knows, by service (postgres, s3, mlflow): all three on its
+        # own stack, at most MLflow's on an external one. Their CPU is what tracked runs also cost.
+        self.service_pids = service_pids
+
+    @property
+    def mlflow_pid(self) -> int | None:
+        return self.service_pids.get("mlflow")
+
+    @property
+    def stack_pids(self) -> list[int]:
+        return list(self.service_pids.values())
 
     def client_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "S3_", "BENCH_S3"))}
@@ -415,10 +424,11 @@ def case_metrics(b: Bench) -> dict:
 
     # Where the CPU of a request goes (the clients', the server's, PostgreSQL's), since on a small
     # host they all share its cores; the server's and PostgreSQL's include the clients' start.
-    cpu_of = {"server": [b.mlflow_pid] if b.mlflow_pid else [], "postgres": [b.postgres_pid] if b.postgres_pid else []}
+    cpu_of = {name: [b.service_pids[service]] for name, service in (("server", "mlflow"), ("postgres", "postgres"))
+              if service in b.service_pids}
     server = []
     for rep in range(a.repeat):
-        cpu_before = {name: tree_cpu_seconds(pids) for name, pids in cpu_of.items() if pids}
+        cpu_before = {name: tree_cpu_seconds(pids) for name, pids in cpu_of.items()}
         r = run_load(b.mlflow_env["MLFLOW_TRACKING_URI"], b.mlflow_env["MLFLOW_TRACKING_USERNAME"],
                      b.mlflow_env["MLFLOW_TRACKING_PASSWORD"], clients=a.metric_clients, requests=a.metric_requests,
                      batch=100, client="mlflow", experiment="bench-metrics")
@@ -625,9 +635,7 @@ def main(argv=None) -> int:
                           "MLFLOW_TRACKING_PASSWORD": os.environ.get("MLFLOW_TRACKING_PASSWORD", "")}
             names = ("BENCH_S3_ENDPOINT", "BENCH_S3_KEY", "BENCH_S3_SECRET", "BENCH_S3_BUCKET")
             s3 = {k: os.environ[k] for k in names} if all(os.environ.get(k) for k in names) else None
-            pid = a.mlflow_pid
-            stack_pids = [pid] if pid else []
-            postgres_pid = None
+            service_pids = {"mlflow": a.mlflow_pid} if a.mlflow_pid else {}
             result["stack"] = "external"
         else:
             from mlstack.native.processes import free_port
@@ -644,12 +652,10 @@ def main(argv=None) -> int:
             creds = json.loads(Path(env["S3_CREDENTIALS_FILE"]).read_text())
             s3 = {"BENCH_S3_ENDPOINT": env["S3_ENDPOINT_URL"], "BENCH_S3_KEY": creds["access_key"],
                   "BENCH_S3_SECRET": creds["secret_key"], "BENCH_S3_BUCKET": env["S3_BUCKET"]}
-            pid = stack.handle("mlflow").pid
-            stack_pids = [h.pid for h in (stack.handle(name) for name in ("postgres", "s3", "mlflow")) if h]
-            postgres_pid = stack.handle("postgres").pid if stack.handle("postgres") else None
+            service_pids = {name: h.pid for name in ("postgres", "s3", "mlflow") if (h := stack.handle(name))}
             info["mlflow_workers"] = int(env["MLFLOW_WORKERS"])
             result["stack"] = "native (own)"
-        b = Bench(a, mlflow_env, s3, pid, work, stack_pids, postgres_pid)
+        b = Bench(a, mlflow_env, s3, work, service_pids)
         for case in a.cases:
             log(f"case {case}")
             t = time.perf_counter()

@@ -60,7 +60,7 @@ def install_metric_upsert() -> None:
         return _upsert_metrics(self, run_id, metrics, mlflow_path=real)
 
     _log_metrics_once._upserts = True
-    _log_metrics_once.mlflows = real
+    _log_metrics_once.mlflows = real  # what tests compare ours with
     SqlAlchemyStore._log_metrics_once = _log_metrics_once
 
     real_log_batch = SqlAlchemyStore.log_batch
@@ -73,7 +73,6 @@ def install_metric_upsert() -> None:
         return _log_metrics_batch(self, run_id, metrics)
 
     log_batch._upserts = True
-    log_batch.mlflows = real_log_batch
     SqlAlchemyStore.log_batch = log_batch
 
 
@@ -114,11 +113,11 @@ def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
             continue
         seen.add(metric)
         is_nan, value = store.sanitize_metric_value(metric.value)
-        points.add(metric.key, value, metric.timestamp, metric.step, is_nan)
+        points.add(key=metric.key, value=value, timestamp=metric.timestamp, step=metric.step, is_nan=is_nan)
     with store.ManagedSessionMaker(read_only=False) as session:
         run = store._get_run(run_uuid=run_id, session=session)
         store._check_run_is_active(run)
-        if not points.keys:
+        if not points:
             return
         statements = _statements()
         try:
@@ -137,47 +136,49 @@ def _upsert_metrics(store, run_id: str, metrics, mlflow_path) -> None:
         mlflow_path(store, run_id, metrics)
 
 
-class _Points:
-    """A batch's points as one list per column: each statement sends them as arrays, so its text
-    is the same for every batch (SQLAlchemy compiles it once; a multi-row VALUES was compiled per
-    batch, a third of the writer's CPU) and PostgreSQL parses a short statement."""
-
-    def __init__(self):
-        self.keys, self.values, self.timestamps, self.steps, self.is_nans = [], [], [], [], []
-
-    def add(self, key, value, timestamp, step, is_nan) -> None:
-        self.keys.append(key)
-        self.values.append(value)
-        self.timestamps.append(timestamp)
-        self.steps.append(step)
-        self.is_nans.append(is_nan)
-
-    def parameters(self, run_id: str) -> dict:
-        columns = (self.keys, self.values, self.timestamps, self.steps, self.is_nans)
-        return {"run_uuid": run_id, **{_array_parameter(name): column for name, column in zip(POINT_COLUMNS, columns)}}
-
-    def newest_per_key(self) -> "_Points":
-        """Per key, the newest point of the batch in MLflow's order (step, timestamp, value), keys
-        sorted as MLflow sorts them, so two batches lock the same rows in the same order."""
-        newest: dict[str, int] = {}
-        for i, key in enumerate(self.keys):
-            best = newest.get(key)
-            if best is None or (self.steps[i], self.timestamps[i], self.values[i]) > (
-                    self.steps[best], self.timestamps[best], self.values[best]):
-                newest[key] = i
-        out = _Points()
-        for key in sorted(newest):
-            i = newest[key]
-            out.add(key, self.values[i], self.timestamps[i], self.steps[i], self.is_nans[i])
-        return out
-
-
 # A point's columns, sent as one array each; run_uuid is the batch's one value.
 POINT_COLUMNS = ("key", "value", "timestamp", "step", "is_nan")
 
 
 def _array_parameter(column: str) -> str:
     return f"{column}_array"
+
+
+class _Points:
+    """A batch's points as one list per column: each statement sends them as arrays, so its text
+    is the same for every batch (SQLAlchemy compiles it once; a multi-row VALUES was compiled per
+    batch, a third of the writer's CPU) and PostgreSQL parses a short statement."""
+
+    def __init__(self):
+        self.columns: dict[str, list] = {column: [] for column in POINT_COLUMNS}
+
+    def __len__(self) -> int:
+        return len(self.columns["key"])
+
+    def add(self, **point) -> None:
+        for column, values in self.columns.items():
+            values.append(point[column])
+
+    def point(self, i: int) -> dict:
+        return {column: values[i] for column, values in self.columns.items()}
+
+    def parameters(self, run_id: str) -> dict:
+        return {"run_uuid": run_id, **{_array_parameter(c): values for c, values in self.columns.items()}}
+
+    def newest_per_key(self) -> "_Points":
+        """Per key, the newest point of the batch in MLflow's order (step, timestamp, value), keys
+        sorted as MLflow sorts them, so two batches lock the same rows in the same order."""
+        c = self.columns
+        newest: dict[str, int] = {}
+        for i, key in enumerate(c["key"]):
+            best = newest.get(key)
+            if best is None or (c["step"][i], c["timestamp"][i], c["value"][i]) > (
+                    c["step"][best], c["timestamp"][best], c["value"][best]):
+                newest[key] = i
+        out = _Points()
+        for key in sorted(newest):
+            out.add(**self.point(newest[key]))
+        return out
 
 
 class _Statements(NamedTuple):
@@ -194,39 +195,36 @@ def _statements() -> _Statements:
     from sqlalchemy import text
     from sqlalchemy.dialects import postgresql
 
-    quote = postgresql.dialect().identifier_preparer.quote
+    dialect = postgresql.dialect()
+    quote = dialect.identifier_preparer.quote
     latest = SqlLatestMetric.__table__
     order = ("step", "timestamp", "value")
     upsert = (
-        f"{_insert_from_arrays(latest)} "
+        f"{_insert_from_arrays(latest, dialect)} "
         f"ON CONFLICT ({', '.join(quote(c) for c in LATEST_PK)}) DO UPDATE SET "
         + ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in ("value", "timestamp", "step", "is_nan"))
         + " WHERE (" + ", ".join(f"excluded.{quote(c)}" for c in order) + ") > ("
         + ", ".join(f"{quote(latest.name)}.{quote(c)}" for c in order) + ")"
     )
-    return _Statements(text(_insert_from_arrays(SqlMetric.__table__)), text(upsert))
+    return _Statements(text(_insert_from_arrays(SqlMetric.__table__, dialect)), text(upsert))
 
 
-def _insert_from_arrays(table) -> str:
+def _insert_from_arrays(table, dialect) -> str:
     """``INSERT INTO table (columns) SELECT ... FROM unnest(arrays) ORDER BY position``: one row per
-    array position, in the arrays' order."""
-    from sqlalchemy.dialects import postgresql
-
-    quote = postgresql.dialect().identifier_preparer.quote
-    columns = ", ".join(quote(c) for c in POINT_COLUMNS)
-    arrays = ", ".join(f"CAST(:{_array_parameter(c)} AS {_sql_type(table.c[c])}[])" for c in POINT_COLUMNS)
-    return (f"INSERT INTO {quote(table.name)} ({columns}, run_uuid) "
-            f"SELECT {columns}, CAST(:run_uuid AS {_sql_type(table.c.run_uuid)}) "
-            f"FROM unnest({arrays}) WITH ORDINALITY AS point({columns}, position) ORDER BY position")
-
-
-def _sql_type(column) -> str:
-    """The column's type for a cast, strings without their length: a cast to VARCHAR(250) would cut
-    a longer key silently, where storing it in the column is refused."""
+    array position, in the arrays' order (the upsert's lock order)."""
     from sqlalchemy import String
-    from sqlalchemy.dialects import postgresql
 
-    return "VARCHAR" if isinstance(column.type, String) else column.type.compile(dialect=postgresql.dialect())
+    def sql_type(column) -> str:
+        # Strings without their length: a cast to VARCHAR(250) would cut a longer key silently,
+        # where storing it in the column is refused.
+        return "VARCHAR" if isinstance(column.type, String) else column.type.compile(dialect=dialect)
+
+    quote = dialect.identifier_preparer.quote
+    columns = ", ".join(quote(c) for c in POINT_COLUMNS)
+    arrays = ", ".join(f"CAST(:{_array_parameter(c)} AS {sql_type(table.c[c])}[])" for c in POINT_COLUMNS)
+    return (f"INSERT INTO {quote(table.name)} ({columns}, run_uuid) "
+            f"SELECT {columns}, CAST(:run_uuid AS {sql_type(table.c.run_uuid)}) "
+            f"FROM unnest({arrays}) WITH ORDINALITY AS point({columns}, position) ORDER BY position")
 
 
 def check_metric_upsert(app) -> str | None:
