@@ -40,7 +40,7 @@ RESULTS = HERE / "results"
 MB = 1_000_000
 sys.path.insert(0, str(HERE))
 
-from stack_figures import machine, write_random  # noqa: E402
+from host import gpu_description, machine, write_random  # noqa: E402
 from worker import train_sets  # noqa: E402
 
 CASES = ("train", "transfer", "resume", "metrics", "dedup")
@@ -70,7 +70,8 @@ class Bench:
     def client_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "S3_", "BENCH_S3"))}
         env.update(self.mlflow_env)
-        env["PYTHONPATH"] = str(HERE)
+        # bench/ first; a PYTHONPATH of the caller's stays (bench/gpu_case.sh installs there)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
         return env
 
     def s3_env(self) -> dict[str, str]:
@@ -204,7 +205,11 @@ def model_choice(name: str) -> dict:
                                      "intermediate_size": 512}}
     if name == "tiny32":  # the test config's 32-hidden/2-layer model: for --smoke
         return {"model_dir": str(TINY), "from_config": True, "config_overrides": {}}
-    raise SystemExit(f"unknown model {name!r}: tiny, tiny32 or minilm")
+    if name == "large":  # BERT-large's shape (335M parameters), from config: a 4 GB checkpoint, for a GPU
+        return {"model_dir": str(TINY), "from_config": True,
+                "config_overrides": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                     "intermediate_size": 4096}}
+    raise SystemExit(f"unknown model {name!r}: tiny, tiny32, minilm or large")
 
 
 # -- case 1: training cost of tracking ----------------------------------------------------------------
@@ -214,7 +219,7 @@ def case_train(b: Bench) -> dict:
     a = b.args
     payload = {**model_choice(a.train_model), "steps": a.train_steps, "save_every": a.save_every,
                "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work),
-               "torch_threads": a.torch_threads}
+               "torch_threads": a.torch_threads, "device": a.device}
     runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
     modes = list(runs)
     for rep in range(a.repeat):
@@ -231,7 +236,8 @@ def case_train(b: Bench) -> dict:
            for m, rs in runs.items()}
     ours = runs["ours"]
     return {
-        "model": a.train_model, "steps": a.train_steps, "save_every": a.save_every,
+        "model": a.train_model, "device": a.device, "steps": a.train_steps, "save_every": a.save_every,
+        "batch_size": a.batch_size, "max_length": a.max_length,
         "torch_threads": a.torch_threads, "checkpoint_mb": round(ours[0]["checkpoint_bytes"] / MB, 1),
         "wall_s": walls, "median_step_s": steps, "cpu_s": cpu,
         "final_wait_s": summary([r["final_wait_s"] for r in ours], 2),
@@ -511,8 +517,8 @@ def table(r: dict) -> str:
     rows = [("case", "measure", "ours", "baseline", "ratio")]
     if t := r["cases"].get("train"):
         rows += [
-            ("1 training", f"wall s, {t['steps']} steps, save/{t['save_every']} ({t['checkpoint_mb']} MB ckpt), "
-                           f"{t.get('torch_threads') or 'all'} torch thread(s)",
+            ("1 training", f"wall s, {t['steps']} steps, save/{t['save_every']} ({t['checkpoint_mb']} MB ckpt), " +
+                           ("GPU" if t.get("device") == "cuda" else f"{t.get('torch_threads') or 'all'} torch thread(s)"),
              fmt(t["wall_s"]["ours"], " s"), "none " + fmt(t["wall_s"]["none"], " s"),
              rx(t["ratio_ours_vs_none"], TARGETS["training"])),
             ("", "stock MLflowCallback (artifacts)", fmt(t["wall_s"]["stock"], " s"), "none", rx(t["ratio_stock_vs_none"])),
@@ -584,7 +590,10 @@ def parse(argv=None):
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--repeat", type=int, help="repetitions of each case (default 3; smoke 1)")
     p.add_argument("--transfer-mb", type=int, help="checkpoint size for the transfer case, MB (default 1000; smoke 20)")
-    p.add_argument("--train-model", help="tiny (128 hidden, 4 layers; default), tiny32 (smoke) or minilm")
+    p.add_argument("--train-model", help="tiny (128 hidden, 4 layers; default), tiny32 (smoke), minilm "
+                                         "or large (BERT-large's shape, 4 GB checkpoints: for --device cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the training case trains (cuda: bf16 mixed precision, see bench/gpu_case.sh)")
     p.add_argument("--train-steps", type=int, help="training steps (default 400; smoke 4)")
     p.add_argument("--save-every", type=int, help="save every N steps (default 100; smoke 2)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -624,6 +633,8 @@ def main(argv=None) -> int:
     import transformers
 
     info["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
+    if torch.cuda.is_available():
+        info["gpu"] = gpu_description()
     info["load_before"] = [round(x, 2) for x in os.getloadavg()]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "smoke": a.smoke, "repeat": a.repeat,
               "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "cases": {}}

