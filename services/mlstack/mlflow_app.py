@@ -16,8 +16,8 @@ def create_app():
 
     from mlstack import login_limiter, request_limits, user_admin_guard
     from mlstack.patches import (artifact_copy, direct_middleware, idle_ping, light_run_lookup, metric_upsert,
-                                 presigned_transfers, request_parsing, streaming_download, streaming_upload,
-                                 user_lookup_once)
+                                 presigned_transfers, request_parsing, route_misses, streaming_download,
+                                 streaming_upload, user_lookup_once)
     from mlstack.patches.self_check import Patching, versions
 
     patching = Patching()
@@ -33,8 +33,8 @@ def create_app():
                            "review mlstack.mlflow_server")
     # Changes to the built app. Middleware added last runs first: sizes and paths are checked
     # before anything else, then failed logins are limited, then MLflow's auth runs.
-    for patch in (direct_middleware.PATCH, user_lookup_once.PATCH, login_limiter.PATCH, streaming_download.PATCH,
-                  artifact_copy.PATCH, request_limits.PATCH):
+    for patch in (direct_middleware.PATCH, user_lookup_once.PATCH, route_misses.PATCH, login_limiter.PATCH,
+                  streaming_download.PATCH, artifact_copy.PATCH, request_limits.PATCH):
         patching.install(patch, app)
     patching.require_in_effect(app)
     return app
