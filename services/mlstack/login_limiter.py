@@ -39,6 +39,7 @@ import base64
 import binascii
 import collections
 import contextvars
+import functools
 import hashlib
 import hmac
 import math
@@ -279,6 +280,7 @@ def install_login_limiter(app, limits: Limits = Limits()) -> LoginLimiter:
     limiter = LoginLimiter(limits)
     original = auth._authenticate_cached
 
+    @functools.wraps(original)  # keeps the chain of wrappers visible (mlstack.patches.login_check_once)
     def authenticate_cached(username: str, password: str):
         user = original(username, password)
         attempt = _CURRENT.get()

@@ -15,15 +15,16 @@ def create_app():
     from mlflow.server.auth import create_app as create_auth_app
 
     from mlstack import login_limiter, request_limits, user_admin_guard
-    from mlstack.patches import (artifact_copy, direct_middleware, idle_ping, light_run_lookup, metric_upsert,
-                                 presigned_transfers, request_parsing, route_misses, streaming_download,
-                                 streaming_upload, user_lookup_once)
+    from mlstack.patches import (artifact_copy, direct_middleware, idle_ping, light_run_lookup, login_check_once,
+                                 metric_upsert, presigned_transfers, request_parsing, route_misses,
+                                 streaming_download, streaming_upload, user_lookup_once)
     from mlstack.patches.self_check import Patching, versions
 
     patching = Patching()
     # Patches of MLflow's modules and classes: before the auth app is built from them.
+    # login_check_once before login_limiter (below), which wraps it in turn.
     for patch in (idle_ping.PATCH, streaming_upload.PATCH, presigned_transfers.PATCH, light_run_lookup.PATCH,
-                  metric_upsert.PATCH, request_parsing.PATCH, user_admin_guard.PATCH):
+                  metric_upsert.PATCH, request_parsing.PATCH, user_admin_guard.PATCH, login_check_once.PATCH):
         patching.install(patch)
     app = create_auth_app()
     if not isinstance(app, FastAPI):
