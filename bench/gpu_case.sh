@@ -20,7 +20,7 @@ out=${1:?usage: bench/gpu_case.sh OUT_DIR [bench.py options]}
 shift
 py=${PYTHON:-python3}
 work=${GPU_CASE_WORK:-}  # the server's store, the checkpoints and the wheels' install
-port=${GPU_CASE_PORT:-5055}
+port=${GPU_CASE_PORT:-}
 wheels=${GPU_CASE_WHEELS-.whl}
 if [ -z "$work" ]; then
     work=$PWD/.gpu-work
@@ -46,22 +46,37 @@ PY
 { nvidia-smi || true; df -h "$work"; nproc; free -g; } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
+if [ -z "$port" ]; then  # a free one, so a server already on a fixed port is never the one measured
+    port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
 echo ">>> starting mlflow server on 127.0.0.1:$port (SQLite, artifacts in $work/artifacts)"
 "$py" -m mlflow server --host 127.0.0.1 --port "$port" --workers 4 \
     --backend-store-uri "sqlite:///$work/mlflow.db" --artifacts-destination "$work/artifacts" \
     >"$out/mlflow-server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; true' EXIT
-"$py" - "$port" <<'PY'
+"$py" - "$port" "$server" "$out/mlflow-server.log" <<'PY'
 import sys, time, urllib.request
+port, pid, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+
+def running(pid: int) -> bool:  # the script's child: once it exits, a zombie until the script reaps it
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 deadline = time.monotonic() + 180
 while True:
+    if not running(pid):
+        sys.exit(f"mlflow server exited before answering; its log, {log}:\n" + open(log).read()[-3000:])
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).read()
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
         break
     except OSError as exc:
         if time.monotonic() > deadline:
-            sys.exit(f"mlflow server not answering after 180 s: {exc}")
+            sys.exit(f"mlflow server not answering on port {port} after 180 s: {exc}")
         time.sleep(1)
 print(">>> mlflow server up")
 PY

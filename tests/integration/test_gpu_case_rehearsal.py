@@ -54,3 +54,19 @@ def test_gpu_case_refuses_a_work_folder_that_exists(tmp_path):
     assert proc.returncode == 2
     assert f"GPU_CASE_WORK={work} exists" in proc.stderr
     assert (work / "keep.txt").read_text() == "mine"
+
+
+def test_gpu_case_stops_when_its_server_cannot_start(tmp_path):
+    """A port already taken: the case must not measure whatever else answers there."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "GPU_CASE_WHEELS": "", "PYTHON": str(REPO / ".venv" / "bin" / "python"),
+               "GPU_CASE_WORK": str(tmp_path / "work"), "GPU_CASE_PORT": str(taken.getsockname()[1])}
+        proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_case.sh"), str(tmp_path / "out"), "--device", "cpu"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "mlflow server exited before answering" in proc.stderr and "Address already in use" in proc.stderr
+    assert not (tmp_path / "out" / "bench-gpu.json").exists()
