@@ -128,12 +128,30 @@ def test_installing_twice_wraps_once_and_the_login_limiter_may_wrap_it(auth):
     assert check_login_check_once(None) is None
 
 
-def test_the_check_fails_until_installed_and_when_the_cache_is_off(auth, monkeypatch):
+def test_the_check_fails_until_installed_and_when_mlflows_cache_moves(auth, monkeypatch):
     assert "does not pass through" in check_login_check_once(None)
     install_login_check_once()
     assert check_login_check_once(None) is None
+    monkeypatch.delattr(auth, "_USER_AUTH_CACHE_LOCK")
+    assert "has no _USER_AUTH_CACHE_LOCK" in check_login_check_once(None)
+
+
+def test_with_mlflows_cache_off_requests_are_not_queued(auth, monkeypatch):
+    """No cache to fill (the upgrade's trial build): each request hashes, side by side, as without the patch."""
     monkeypatch.setattr(auth, "_USER_AUTH_CACHE", None)
-    assert "credential cache is off" in check_login_check_once(None)
+    install_login_check_once()
+    assert check_login_check_once(None) is None
+    auth.stand_in.hold.clear()
+    threads, results = in_threads(auth._authenticate_cached, [GOOD] * 4)
+    for _ in range(300):  # all four inside the check at once: none waits on a lock
+        if len(auth.stand_in.checks) == 4:
+            break
+        threading.Event().wait(0.01)
+    inside_at_once = len(auth.stand_in.checks)
+    auth.stand_in.hold.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert inside_at_once == 4 and results == [{"username": "trainer"}] * 4
 
 
 def test_a_wrapper_that_only_copied_our_marker_does_not_pass(auth):

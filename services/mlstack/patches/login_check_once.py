@@ -14,6 +14,8 @@ passwords never holds up a teammate whose credential is cached. The locks are st
 (``LOCK_STRIPES``, chosen by the credential's hash in this process), so guessed passwords cost no
 memory; two credentials that share a stripe are checked one after the other. A wrong password is
 not cached by MLflow and is hashed on every attempt, as before: the login limiter bounds those.
+With MLflow's cache off (``auth_cache_ttl_seconds = 0``: the upgrade's trial build of the app) every
+request hashes anyway, and the wrapper steps aside rather than queue them behind one another.
 """
 
 from __future__ import annotations
@@ -35,12 +37,9 @@ def install_login_check_once() -> None:
 
 
 def _cached(auth, username: str, password: str) -> bool:
-    cache = auth._USER_AUTH_CACHE
-    if cache is None:
-        return False
     key = auth._auth_cache_key(username, password)
     with auth._USER_AUTH_CACHE_LOCK:
-        return cache.get(key) is not None
+        return auth._USER_AUTH_CACHE.get(key) is not None
 
 
 def _checked_once(authenticate_cached):
@@ -48,8 +47,8 @@ def _checked_once(authenticate_cached):
 
     @functools.wraps(authenticate_cached)
     def checked_once(username: str, password: str):
-        if _cached(auth, username, password):
-            return authenticate_cached(username, password)  # answered from MLflow's cache
+        if auth._USER_AUTH_CACHE is None or _cached(auth, username, password):
+            return authenticate_cached(username, password)  # no cache to fill, or answered from it
         with _locks[hash((username, password)) % len(_locks)]:
             # The first one here hashes and fills MLflow's cache; the ones that waited read it
             return authenticate_cached(username, password)
@@ -78,8 +77,6 @@ def check_login_check_once(app) -> str | None:
     for name in ("_USER_AUTH_CACHE", "_USER_AUTH_CACHE_LOCK", "_auth_cache_key"):
         if not hasattr(auth, name):
             return f"mlflow.server.auth has no {name}: MLflow's credential cache changed"
-    if auth._USER_AUTH_CACHE is None:
-        return "MLflow's credential cache is off (auth_cache_ttl_seconds = 0): every request hashes its password"
     return None
 
 
