@@ -36,10 +36,11 @@ def install_login_check_once() -> None:
         auth._authenticate_cached = _checked_once(auth._authenticate_cached)
 
 
-def _cached(auth, username: str, password: str) -> bool:
+def _cached_user(auth, username: str, password: str):
+    """MLflow's cached answer for the credential, looked up as MLflow does (its key, its lock)."""
     key = auth._auth_cache_key(username, password)
     with auth._USER_AUTH_CACHE_LOCK:
-        return auth._USER_AUTH_CACHE.get(key) is not None
+        return auth._USER_AUTH_CACHE.get(key)
 
 
 def _checked_once(authenticate_cached):
@@ -47,8 +48,11 @@ def _checked_once(authenticate_cached):
 
     @functools.wraps(authenticate_cached)
     def checked_once(username: str, password: str):
-        if auth._USER_AUTH_CACHE is None or _cached(auth, username, password):
-            return authenticate_cached(username, password)  # no cache to fill, or answered from it
+        if auth._USER_AUTH_CACHE is None:  # no cache to fill: each request hashes, side by side
+            return authenticate_cached(username, password)
+        user = _cached_user(auth, username, password)
+        if user is not None:  # MLflow's own hit, without its second key and lookup
+            return user
         with _locks[hash((username, password)) % len(_locks)]:
             # The first one here hashes and fills MLflow's cache; the ones that waited read it
             return authenticate_cached(username, password)
