@@ -16,6 +16,12 @@ Why each choice:
   object) and a metrics POST (MLflow stores a point with the same key, step, timestamp and value
   once) go again, any other POST does not (a create_run or a new model may already be stored: the
   client gets a 502 rather than a duplicate).
+- An instance killed after it wrote an answer's headers but before its body leaves HAProxy with a
+  response it has begun: no ``retry-on`` covers it, and passed on it reaches the client as headers
+  without a body (a broken read that MLflow's client does not retry). For the requests safe to
+  replay, HAProxy holds a small answer until its body is in and turns one cut short into a 502,
+  which MLflow's client sends again (to the instance left). Any other POST keeps the broken read:
+  the client sees an error and no duplicate is made.
 - Timeouts as long as the instances' own (gunicorn's 600 s): a large checkpoint file streams
   through without HAProxy cutting it.
 - X-Forwarded-For is set by HAProxy alone (a client's own is dropped), so the servers, which trust
@@ -41,6 +47,13 @@ TRANSFER_TIMEOUT = "600s"
 # metrics batch (MLflow's 1000 points) and small artifact files.
 BUFFER_BYTES = 65536
 HEALTH_PATH = "/health"
+# Answers up to this size are held whole before their headers go on, to tell one cut off by a dying
+# instance; a larger one streams after its first CUT_CHECK_BYTES as before. CUT_WAIT bounds the hold
+# for an instance that is alive but slow to send a small body.
+CUT_CHECK_BYTES = 16384
+CUT_WAIT = "30s"
+CUT_ANSWER = ('{"error_code": "TEMPORARILY_UNAVAILABLE", '
+              '"message": "the server instance stopped while answering; send the request again"}')
 
 
 @dataclass(frozen=True)
@@ -93,8 +106,22 @@ def haproxy_config(*, bind: str, port: int, bundle: Path, backends: Backends, he
         f"    bind {bind}:{port} ssl crt {bundle} alpn http/1.1",
         "    http-request del-header X-Forwarded-For",
         "    http-request set-header X-Forwarded-Proto https",
-        # retry-on in defaults, narrowed here (HAProxy takes no http-request rule in a defaults section).
-        "    http-request disable-l7-retry if METH_POST !{ path_end /runs/log-batch /runs/log-metric }",
+        # Which requests may go again (see the module's docstring); retry-on in defaults, narrowed
+        # here (HAProxy takes no http-request rule in a defaults section).
+        "    acl metrics_write path_end /runs/log-batch /runs/log-metric",
+        "    http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write",
+        "    http-request disable-l7-retry if !{ var(txn.replay_safe) -m bool }",
+        # An answer cut off after its headers (the instance died between writing its headers and
+        # its body): held until its body is in, it becomes a 502 the client's retries send again,
+        # rather than headers without a body, which no retry covers.
+        "    http-request set-var(txn.check_cut) bool(1) if { var(txn.replay_safe) -m bool } !METH_HEAD",
+        f"    http-response wait-for-body time {CUT_WAIT} at-least {CUT_CHECK_BYTES} "
+        "if { var(txn.check_cut) -m bool }",
+        "    http-response set-var(txn.declared_length) res.hdr(content-length) if { var(txn.check_cut) -m bool }",
+        f"    acl body_expected var(txn.declared_length) -m int le {CUT_CHECK_BYTES}",
+        "    acl body_cut res.body_len,sub(txn.declared_length) lt 0",
+        f"    http-response return status 502 content-type application/json string '{CUT_ANSWER}' "
+        "if { var(txn.check_cut) -m bool } !{ status 204 304 } body_expected body_cut",
         "    option forwardfor",
         "    default_backend servers",
         "",

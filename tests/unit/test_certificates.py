@@ -73,8 +73,11 @@ def test_haproxy_config_checks_health_retries_elsewhere_and_sets_forwarded_for(t
     assert "server mlflow-2 127.0.0.1:4002 check inter 1s fall 2 rise 2" in lines
     assert "http-check send meth GET uri /health ver HTTP/1.1 hdr Host 127.0.0.1" in lines
     assert "option redispatch 1" in lines and any(line.startswith("retry-on conn-failure empty-response") for line in lines)
-    # A POST that may have been carried out (create_run, a model...) is not sent again; metric batches are.
-    assert "http-request disable-l7-retry if METH_POST !{ path_end /runs/log-batch /runs/log-metric }" in lines
+    # A POST that may have been carried out (create_run, a model...) is not sent again; metric batches
+    # are. What HAProxy does with these rules: tests/integration/test_balancer_cut_answers.py.
+    assert "acl metrics_write path_end /runs/log-batch /runs/log-metric" in lines
+    assert "http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write" in lines
+    assert "http-request disable-l7-retry if !{ var(txn.replay_safe) -m bool }" in lines
     # The client's own X-Forwarded-For is dropped before HAProxy adds the real one.
     assert lines.index("http-request del-header X-Forwarded-For") < lines.index("option forwardfor")
     dns = haproxy_config(bind="0.0.0.0", port=8443, bundle=tmp_path / BUNDLE, health_host="mlflow",

@@ -1,0 +1,195 @@
+"""HAProxy, with the configuration mlstack.balancer writes, in front of an instance that dies after
+writing an answer's headers and before its body: the moment a SIGKILL can land in, and the one the
+scale-out test met once in CI (a log-batch answered with headers and no body, which MLflow's client
+does not retry).
+
+The instance here is a scripted socket server, so that the cut comes every time at that moment; the
+balancer, the TLS, the client and its retries are the real ones. The scale-out test kills real
+instances at a random moment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlstack.balancer import CUT_CHECK_BYTES, Backends, haproxy_config
+from mlstack.certificates import ensure_tls_material
+from mlstack.native.processes import free_port, wait_until
+from running_stack import environ_set
+from system_packages import ensure_programs
+
+
+
+class DyingInstance:
+    """Answers each request by path from ``answers``; the first ``cuts[path]`` answers to a path
+    stop after their headers (the connection closes, as when the process is killed there)."""
+
+    def __init__(self, answers: dict[str, tuple[bytes, dict[str, str]]], cuts: dict[str, int]):
+        self.answers, self.cuts = answers, dict(cuts)
+        self.seen: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        except OSError:
+            pass  # HAProxy closed the connection (its health check, a client gone)
+        finally:
+            conn.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        if True:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+                length = int(headers.get("content-length", "0"))
+                while len(buffer) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer[length:]
+                path = target.split("?", 1)[0]
+                if path == "/health":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                    continue
+                with self.lock:
+                    self.seen[f"{method} {path}"] += 1
+                    cut = self.cuts.get(path, 0) > 0
+                    if cut:
+                        self.cuts[path] -= 1
+                body, extra = self.answers[path]
+                fields = {"Content-Type": "application/json", "Content-Length": str(len(body)), **extra}
+                header_block = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+                conn.sendall(header_block.encode("latin-1"))
+                if cut:
+                    return  # headers out, body never: the process died here
+                if method != "HEAD":
+                    conn.sendall(body)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture()
+def balanced():
+    """Start HAProxy before a DyingInstance made by the test: yields ``start(instance) -> uri``."""
+    ensure_programs({"haproxy": "haproxy"})
+    work = Path(tempfile.mkdtemp(prefix="mlstack-cut-"))
+    started: list[subprocess.Popen] = []
+    instances: list[DyingInstance] = []
+
+    def start(instance: DyingInstance) -> str:
+        instances.append(instance)
+        tls = ensure_tls_material(work / "tls", public_host="127.0.0.1")
+        port = free_port()
+        config = work / "haproxy.cfg"
+        config.write_text(haproxy_config(bind="127.0.0.1", port=port, bundle=tls.bundle,
+                                         backends=Backends(addresses=(("127.0.0.1", instance.port),)),
+                                         health_host="127.0.0.1"))
+        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        log = open(work / "haproxy.log", "wb")
+        started.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT))
+        uri = f"https://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            try:
+                return requests.get(uri + "/health", timeout=2, verify=str(tls.certificate)).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(answers, what="HAProxy", timeout=30)
+        os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(tls.certificate)
+        return uri
+
+    with environ_set({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}):
+        try:
+            yield start
+        finally:
+            for proc in started:
+                proc.terminate()
+                proc.wait(timeout=30)
+            for instance in instances:
+                instance.close()
+            os.environ.pop("MLFLOW_TRACKING_SERVER_CERT_PATH", None)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+CREATE_RUN = "/api/2.0/mlflow/runs/create"
+GET_EXPERIMENT = "/api/2.0/mlflow/experiments/get"
+
+
+def test_a_metrics_write_cut_after_its_headers_is_sent_again(balanced):
+    instance = DyingInstance({LOG_BATCH: (b"{}", {})}, cuts={LOG_BATCH: 1})
+    client = MlflowClient(balanced(instance))
+    client.log_batch("0" * 32, metrics=[Metric("loss", 0.5, 1, 1)])  # raises if the cut reached it
+    assert instance.seen[f"POST {LOG_BATCH}"] == 2, instance.seen
+
+
+def test_a_read_cut_after_its_headers_is_sent_again(balanced):
+    answer = b'{"experiment": {"experiment_id": "7", "name": "cut-read", "lifecycle_stage": "active"}}'
+    instance = DyingInstance({GET_EXPERIMENT: (answer, {})}, cuts={GET_EXPERIMENT: 1})
+    client = MlflowClient(balanced(instance))
+    assert client.get_experiment("7").name == "cut-read"
+    assert instance.seen[f"GET {GET_EXPERIMENT}"] == 2, instance.seen
+
+
+def test_a_create_cut_after_its_headers_is_not_made_twice(balanced):
+    """A run may already be stored when its answer is cut: the client gets an error, and the
+    request is not sent again (a second run would be made)."""
+    answer = b'{"run": {"info": {"run_id": "' + b"1" * 32 + b'", "experiment_id": "0"}, "data": {}}}'
+    instance = DyingInstance({CREATE_RUN: (answer, {})}, cuts={CREATE_RUN: 1})
+    client = MlflowClient(balanced(instance))
+    with pytest.raises(MlflowException, match="Connection broken|IncompleteRead"):
+        client.create_run("0")
+    assert instance.seen[f"POST {CREATE_RUN}"] == 1, instance.seen
+
+
+def test_whole_answers_pass_unchanged(balanced):
+    """A body larger than the held size streams whole; a HEAD answer, which declares a length and
+    has no body, is not taken for a cut one."""
+    large = os.urandom(20 * CUT_CHECK_BYTES)
+    small = os.urandom(CUT_CHECK_BYTES)
+    instance = DyingInstance({"/large": (large, {"Content-Type": "application/octet-stream"}),
+                              "/small": (small, {"Content-Type": "application/octet-stream"})}, cuts={})
+    uri = balanced(instance)
+    verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    for path, body in (("/large", large), ("/small", small)):
+        got = requests.get(uri + path, timeout=30, verify=verify)
+        assert got.status_code == 200 and got.content == body, (path, got.status_code, len(got.content))
+        head = requests.head(uri + path, timeout=30, verify=verify)
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(body)), (path, head.status_code)
+    assert instance.seen == Counter({"GET /large": 1, "HEAD /large": 1, "GET /small": 1, "HEAD /small": 1})
