@@ -99,3 +99,23 @@ def test_a_key_longer_than_the_column_is_refused_by_the_database_not_cut(store, 
     with pytest.raises(MlflowException, match="value too long"):
         contextvars.copy_context().run(past_mlflows_checks)
     assert store.get_run(run_id).data.metrics == {}
+
+
+def test_a_missing_or_deleted_run_gets_mlflows_error_and_nothing_is_stored(store, experiment_id):
+    """The writer's one statement reads the run's stage with the writes: a run that is not active
+    rolls them back and MLflow's own path raises, as MLflow's writer would."""
+    mlflows = SqlAlchemyStore._log_metrics_once.mlflows
+    missing = "f" * 32
+    for write in (lambda run_id, batch: store.log_batch(run_id, batch, [], []), store._log_metrics,
+                  lambda run_id, batch: mlflows(store, run_id, batch)):
+        with pytest.raises(MlflowException, match=f"Run with id={missing} not found"):
+            write(missing, [Metric("loss", 1.0, 1, 1)])
+    deleted = store.create_run(experiment_id, "u", 0, [], "deleted").info.run_id
+    store._log_metrics(deleted, [Metric("loss", 1.0, 1, 1)])
+    store.delete_run(deleted)
+    for batch in ([Metric("loss", 2.0, 2, 2)], [Metric("loss", 1.0, 1, 1)]):  # new; stored before
+        with pytest.raises(MlflowException, match="must be in the 'active' state"):
+            store.log_batch(deleted, batch, [], [])
+    store.restore_run(deleted)
+    assert [(m.step, m.value) for m in store.get_metric_history(deleted, "loss")] == [(1, 1.0)]
+    assert store.get_run(deleted).data.metrics == {"loss": 1.0}

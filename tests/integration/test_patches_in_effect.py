@@ -298,7 +298,7 @@ def test_user_lookup_once_the_auth_check_loads_the_user_once(observed, run, nati
     assert wrong.status_code == 401, wrong.text
 
 
-def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflows(observed, run, native_stack):
+def test_metric_upsert_a_batch_is_one_statement_and_the_latest_values_are_mlflows(observed, run, native_stack):
     client, created = run
     rid = created.info.run_id
     body = {"run_id": rid, "metrics": [{"key": f"m{k}", "value": float(step * 10 + k), "timestamp": 1000 + step,
@@ -316,8 +316,11 @@ def test_metric_upsert_a_batch_is_two_statements_and_the_latest_values_are_mlflo
     assert statements.count("INSERT INTO metrics") == 1, statements
     assert statements.count("INSERT INTO latest_metrics") == 1, statements
     assert "UPDATE latest_metrics" not in statements and "FOR UPDATE" not in statements, statements
-    # A metrics-only batch reads its run once, in one session (MLflow's log_batch reads it twice).
+    # A metrics-only batch reads its run once, in one session (MLflow's log_batch reads it twice),
+    # in the statement that writes the points and the latest values: one round trip.
     assert statements.count("FROM runs") == 1, statements
+    assert any("FROM runs" in line and "INSERT INTO metrics" in line and "INSERT INTO latest_metrics" in line
+               for line in statements.splitlines()), statements
     log_batch()  # the same points again (a retried request): accepted, stored once
     latest = client.get_run(rid).data.metrics
     assert latest == {f"m{k}": float(30 + k) for k in range(10)}  # step 3's, though step 2 came last
