@@ -47,9 +47,9 @@ TRANSFER_TIMEOUT = "600s"
 # metrics batch (MLflow's 1000 points) and small artifact files.
 BUFFER_BYTES = 65536
 HEALTH_PATH = "/health"
-# Answers up to this size are held whole before their headers go on, to tell one cut off by a dying
-# instance; a larger one streams after its first CUT_CHECK_BYTES as before. CUT_WAIT bounds the hold
-# for an instance that is alive but slow to send a small body.
+# Answers that declare up to this size are held whole before their headers go on, to tell one cut
+# off by a dying instance; larger ones and streams go on as they come. CUT_WAIT bounds the hold for
+# an instance that is alive but slow to send a small body.
 CUT_CHECK_BYTES = 16384
 CUT_WAIT = "30s"
 CUT_ANSWER = ('{"error_code": "TEMPORARILY_UNAVAILABLE", '
@@ -113,15 +113,16 @@ def haproxy_config(*, bind: str, port: int, bundle: Path, backends: Backends, he
         "    http-request disable-l7-retry if !{ var(txn.replay_safe) -m bool }",
         # An answer cut off after its headers (the instance died between writing its headers and
         # its body): held until its body is in, it becomes a 502 the client's retries send again,
-        # rather than headers without a body, which no retry covers.
+        # rather than headers without a body, which no retry covers. Only a small answer of
+        # declared length is held; a stream (no length) or a large file goes on as it comes.
         "    http-request set-var(txn.check_cut) bool(1) if { var(txn.replay_safe) -m bool } !METH_HEAD",
-        f"    http-response wait-for-body time {CUT_WAIT} at-least {CUT_CHECK_BYTES} "
-        "if { var(txn.check_cut) -m bool }",
-        "    http-response set-var(txn.declared_length) res.hdr(content-length) if { var(txn.check_cut) -m bool }",
-        f"    acl body_expected var(txn.declared_length) -m int le {CUT_CHECK_BYTES}",
+        "    acl check_cut var(txn.check_cut) -m bool",
+        f"    acl small_body var(txn.declared_length) -m int le {CUT_CHECK_BYTES}",
         "    acl body_cut res.body_len,sub(txn.declared_length) lt 0",
+        "    http-response set-var(txn.declared_length) res.hdr(content-length) if check_cut !{ status 204 304 }",
+        f"    http-response wait-for-body time {CUT_WAIT} at-least {CUT_CHECK_BYTES} if check_cut small_body",
         f"    http-response return status 502 content-type application/json string '{CUT_ANSWER}' "
-        "if { var(txn.check_cut) -m bool } !{ status 204 304 } body_expected body_cut",
+        "if check_cut small_body body_cut",
         "    option forwardfor",
         "    default_backend servers",
         "",

@@ -39,6 +39,7 @@ class DyingInstance:
     def __init__(self, answers: dict[str, tuple[bytes, dict[str, str]]], cuts: dict[str, int]):
         self.answers, self.cuts = answers, dict(cuts)
         self.seen: Counter[str] = Counter()
+        self.stream_read = threading.Event()
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -84,6 +85,9 @@ class DyingInstance:
                 if path == "/health":
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
                     continue
+                if path == STREAM:
+                    self._stream(conn)
+                    continue
                 with self.lock:
                     self.seen[f"{method} {path}"] += 1
                     cut = self.cuts.get(path, 0) > 0
@@ -98,7 +102,16 @@ class DyingInstance:
                 if method != "HEAD":
                     conn.sendall(body)
 
+    def _stream(self, conn: socket.socket) -> None:
+        """A streamed answer (no declared length): its first part, then the rest only once the
+        client has its headers (``stream_read`` set), as a long-running stream would."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"6\r\nfirst \r\n")
+        self.stream_read.wait(timeout=60)
+        conn.sendall(b"4\r\nrest\r\n0\r\n\r\n")
+
     def close(self) -> None:
+        self.stream_read.set()
         self.listener.close()
 
 
@@ -147,6 +160,7 @@ def balanced():
             shutil.rmtree(work, ignore_errors=True)
 
 
+STREAM = "/stream"
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 CREATE_RUN = "/api/2.0/mlflow/runs/create"
 GET_EXPERIMENT = "/api/2.0/mlflow/experiments/get"
@@ -193,3 +207,14 @@ def test_whole_answers_pass_unchanged(balanced):
         head = requests.head(uri + path, timeout=30, verify=verify)
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(body)), (path, head.status_code)
     assert instance.seen == Counter({"GET /large": 1, "HEAD /large": 1, "GET /small": 1, "HEAD /small": 1})
+
+
+def test_a_stream_is_not_held(balanced):
+    """An answer of no declared length goes on as it comes: the client has its headers and first
+    part while the instance still holds the rest back (held by HAProxy, the read times out)."""
+    instance = DyingInstance({}, cuts={})
+    uri = balanced(instance)
+    with requests.get(uri + STREAM, stream=True, timeout=10, verify=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]) as got:
+        assert got.status_code == 200
+        instance.stream_read.set()
+        assert got.raw.read() == b"first rest"
