@@ -13,9 +13,11 @@ Why each choice:
   up to the buffer size: metrics, small files). A longer upload cut off gets a 502 and the MLflow
   client's own retries send it again. Only replays that are safe: a connection that failed never
   delivered the request; after no response, a PUT (an artifact to the same path writes the same
-  object) and a metrics POST (MLflow stores a point with the same key, step, timestamp and value
-  once) go again, any other POST does not (a create_run or a new model may already be stored: the
-  client gets a 502 rather than a duplicate).
+  object), a metrics POST (MLflow stores a point with the same key, step, timestamp and value
+  once) and the start or abort of a multipart upload (a start sent twice leaves an unused upload,
+  which `make gc` removes) go again; any other POST does not (a create_run or a new model may
+  already be stored), and its client gets a 502. MLflow's own client resends a 502 whatever the
+  method, so that last choice spares only other clients a duplicate.
 - An instance killed after it wrote an answer's headers but before its body leaves HAProxy with a
   response it has begun: no ``retry-on`` covers it, and passed on it reaches the client as headers
   without a body (a broken read that MLflow's client does not retry). For the requests safe to
@@ -47,6 +49,7 @@ TRANSFER_TIMEOUT = "600s"
 # metrics batch (MLflow's 1000 points) and small artifact files.
 BUFFER_BYTES = 65536
 HEALTH_PATH = "/health"
+MULTIPART = "/api/2.0/mlflow-artifacts/mpu"  # MLflow's multipart upload endpoints: create, complete, abort
 # Answers that declare up to this size are held whole before their headers go on, to tell one cut
 # off by a dying instance; larger ones and streams go on as they come. CUT_WAIT bounds the hold for
 # an instance that is alive but slow to send a small body.
@@ -109,7 +112,8 @@ def haproxy_config(*, bind: str, port: int, bundle: Path, backends: Backends, he
         # Which requests may go again (see the module's docstring); retry-on in defaults, narrowed
         # here (HAProxy takes no http-request rule in a defaults section).
         "    acl metrics_write path_end /runs/log-batch /runs/log-metric",
-        "    http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write",
+        f"    acl upload_start_or_abort path_beg {MULTIPART}/create/ {MULTIPART}/abort/",
+        "    http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write or upload_start_or_abort",
         "    http-request disable-l7-retry if !{ var(txn.replay_safe) -m bool }",
         # An answer cut off after its headers (the instance died between writing its headers and
         # its body): held until its body is in, it becomes a 502 the client's retries send again,

@@ -24,7 +24,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlstack.balancer import CUT_CHECK_BYTES, Backends, haproxy_config
+from mlstack.balancer import CUT_CHECK_BYTES, MULTIPART, Backends, haproxy_config
 from mlstack.certificates import ensure_tls_material
 from mlstack.native.processes import free_port, wait_until
 from running_stack import environ_set
@@ -164,6 +164,18 @@ STREAM = "/stream"
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 CREATE_RUN = "/api/2.0/mlflow/runs/create"
 GET_EXPERIMENT = "/api/2.0/mlflow/experiments/get"
+UPLOAD_START = f"{MULTIPART}/create/1/run/artifacts/checkpoints/step-1"
+UPLOAD_COMPLETE = f"{MULTIPART}/complete/1/run/artifacts/checkpoints/step-1"
+
+
+def artifact_post(uri: str, path: str):
+    """A multipart upload call as MLflow's artifact repository sends it (its retries included)."""
+    from mlflow.utils.rest_utils import MlflowHostCreds, augmented_raise_for_status, http_request
+
+    creds = MlflowHostCreds(uri, server_cert_path=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+    resp = http_request(creds, path, "POST", json={"path": "optimizer.pt", "num_parts": 1})
+    augmented_raise_for_status(resp)
+    return resp.json()
 
 
 def test_a_metrics_write_cut_after_its_headers_is_sent_again(balanced):
@@ -190,6 +202,20 @@ def test_a_create_cut_after_its_headers_is_not_made_twice(balanced):
     with pytest.raises(MlflowException, match="Connection broken|IncompleteRead"):
         client.create_run("0")
     assert instance.seen[f"POST {CREATE_RUN}"] == 1, instance.seen
+
+
+def test_the_start_of_a_multipart_upload_cut_after_its_headers_is_sent_again(balanced):
+    """A start sent twice leaves one unused upload in S3 (``make gc`` aborts it); its completion is
+    not sent again (a second completion of the same upload fails)."""
+    started = b'{"upload_id": "u-1", "credentials": []}'
+    instance = DyingInstance({UPLOAD_START: (started, {}), UPLOAD_COMPLETE: (b"{}", {})},
+                             cuts={UPLOAD_START: 1, UPLOAD_COMPLETE: 1})
+    uri = balanced(instance)
+    assert artifact_post(uri, UPLOAD_START)["upload_id"] == "u-1"
+    assert instance.seen[f"POST {UPLOAD_START}"] == 2, instance.seen
+    with pytest.raises(MlflowException, match="Connection broken|IncompleteRead"):
+        artifact_post(uri, UPLOAD_COMPLETE)
+    assert instance.seen[f"POST {UPLOAD_COMPLETE}"] == 1, instance.seen
 
 
 def test_whole_answers_pass_unchanged(balanced):

@@ -76,7 +76,10 @@ def test_haproxy_config_checks_health_retries_elsewhere_and_sets_forwarded_for(t
     # A POST that may have been carried out (create_run, a model...) is not sent again; metric batches
     # are. What HAProxy does with these rules: tests/integration/test_balancer_cut_answers.py.
     assert "acl metrics_write path_end /runs/log-batch /runs/log-metric" in lines
-    assert "http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write" in lines
+    assert "acl upload_start_or_abort path_beg /api/2.0/mlflow-artifacts/mpu/create/ " \
+           "/api/2.0/mlflow-artifacts/mpu/abort/" in lines
+    assert "http-request set-var(txn.replay_safe) bool(1) if !METH_POST or metrics_write or upload_start_or_abort" \
+           in lines
     assert "http-request disable-l7-retry if !{ var(txn.replay_safe) -m bool }" in lines
     # The client's own X-Forwarded-For is dropped before HAProxy adds the real one.
     assert lines.index("http-request del-header X-Forwarded-For") < lines.index("option forwardfor")
