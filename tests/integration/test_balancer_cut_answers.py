@@ -133,8 +133,9 @@ def balanced():
                                          health_host="127.0.0.1"))
         check = subprocess.run(["haproxy", "-c", "-q", "-f", str(config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        log = open(work / "haproxy.log", "wb")
-        started.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT))
+        with open(work / "haproxy.log", "wb") as log:  # the child keeps its own descriptor
+            started.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT))
         uri = f"https://127.0.0.1:{port}"
 
         def answers() -> bool:
