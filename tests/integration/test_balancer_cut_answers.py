@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from mlstack.balancer import CUT_CHECK_BYTES, MULTIPART, Backends, haproxy_config
 from mlstack.certificates import ensure_tls_material
-from mlstack.native.processes import free_port, wait_until
+from mlstack.native.processes import Handle, free_port, spawn, stop_tree, wait_until
 from running_stack import environ_set
 from system_packages import ensure_programs
 
@@ -55,52 +55,55 @@ class DyingInstance:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            self._answer(conn)
+            pending = b""
+            while (request := self._read_request(conn, pending)) is not None:
+                method, path, pending = request
+                if path == "/health":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                elif path == STREAM:
+                    self._stream(conn)
+                elif not self._answer(conn, method, path):
+                    return  # the process died here
         except OSError:
             pass  # HAProxy closed the connection (its health check, a client gone)
         finally:
             conn.close()
 
-    def _answer(self, conn: socket.socket) -> None:
-        if True:
-            buffer = b""
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-                length = int(headers.get("content-length", "0"))
-                while len(buffer) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                buffer = buffer[length:]
-                path = target.split("?", 1)[0]
-                if path == "/health":
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
-                    continue
-                if path == STREAM:
-                    self._stream(conn)
-                    continue
-                with self.lock:
-                    self.seen[f"{method} {path}"] += 1
-                    cut = self.cuts.get(path, 0) > 0
-                    if cut:
-                        self.cuts[path] -= 1
-                body, extra = self.answers[path]
-                fields = {"Content-Type": "application/json", "Content-Length": str(len(body)), **extra}
-                header_block = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
-                conn.sendall(header_block.encode("latin-1"))
-                if cut:
-                    return  # headers out, body never: the process died here
-                if method != "HEAD":
-                    conn.sendall(body)
+    @staticmethod
+    def _read_request(conn: socket.socket, pending: bytes) -> tuple[str, str, bytes] | None:
+        """The next request's method and path (its body read and dropped), and the bytes after it;
+        None when the connection closes first."""
+        while b"\r\n\r\n" not in pending:
+            if not (data := conn.recv(65536)):
+                return None
+            pending += data
+        head, _, pending = pending.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(pending) < length:
+            if not (data := conn.recv(65536)):
+                return None
+            pending += data
+        return method, target.split("?", 1)[0], pending[length:]
+
+    def _answer(self, conn: socket.socket, method: str, path: str) -> bool:
+        """Headers, then the body unless this answer is one to cut; False when it was cut."""
+        with self.lock:
+            self.seen[f"{method} {path}"] += 1
+            cut = self.cuts.get(path, 0) > 0
+            if cut:
+                self.cuts[path] -= 1
+        body, extra = self.answers[path]
+        fields = {"Content-Type": "application/json", "Content-Length": str(len(body)), **extra}
+        conn.sendall(("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+                      + "\r\n").encode("latin-1"))
+        if cut:
+            return False
+        if method != "HEAD":
+            conn.sendall(body)
+        return True
 
     def _stream(self, conn: socket.socket) -> None:
         """A streamed answer (no declared length): its first part, then the rest only once the
@@ -117,15 +120,16 @@ class DyingInstance:
 
 @pytest.fixture()
 def balanced():
-    """Start HAProxy before a DyingInstance made by the test: yields ``start(instance) -> uri``."""
+    """Start HAProxy before a DyingInstance made by the test: yields ``start(instance) -> uri``,
+    with MLflow's client trusting HAProxy's certificate and retrying at once."""
     ensure_programs({"haproxy": "haproxy"})
     work = Path(tempfile.mkdtemp(prefix="mlstack-cut-"))
-    started: list[subprocess.Popen] = []
+    tls = ensure_tls_material(work / "tls", public_host="127.0.0.1")
+    started: list[Handle] = []
     instances: list[DyingInstance] = []
 
     def start(instance: DyingInstance) -> str:
         instances.append(instance)
-        tls = ensure_tls_material(work / "tls", public_host="127.0.0.1")
         port = free_port()
         config = work / "haproxy.cfg"
         config.write_text(haproxy_config(bind="127.0.0.1", port=port, bundle=tls.bundle,
@@ -133,9 +137,9 @@ def balanced():
                                          health_host="127.0.0.1"))
         check = subprocess.run(["haproxy", "-c", "-q", "-f", str(config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        with open(work / "haproxy.log", "wb") as log:  # the child keeps its own descriptor
-            started.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT))
+        log = work / "haproxy.log"
+        handle = spawn(["haproxy", "-db", "-f", str(config)], env=dict(os.environ), log_path=log)
+        started.append(handle)
         uri = f"https://127.0.0.1:{port}"
 
         def answers() -> bool:
@@ -144,20 +148,18 @@ def balanced():
             except requests.RequestException:
                 return False
 
-        wait_until(answers, what="HAProxy", timeout=30)
-        os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(tls.certificate)
+        wait_until(answers, what="HAProxy", timeout=30, handle=handle, log_path=log)
         return uri
 
-    with environ_set({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}):
+    with environ_set({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                      "MLFLOW_TRACKING_SERVER_CERT_PATH": str(tls.certificate)}):
         try:
             yield start
         finally:
-            for proc in started:
-                proc.terminate()
-                proc.wait(timeout=30)
+            for handle in started:
+                stop_tree(handle)
             for instance in instances:
                 instance.close()
-            os.environ.pop("MLFLOW_TRACKING_SERVER_CERT_PATH", None)
             shutil.rmtree(work, ignore_errors=True)
 
 
