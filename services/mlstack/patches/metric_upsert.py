@@ -23,7 +23,7 @@ On PostgreSQL the same outcome takes one statement, three parts of one ``WITH``:
   UPDATE`` did, and the keys go in sorted order, as MLflow sorts them, so two batches never wait
   on each other in a cycle.
 
-Validation is MLflow's own calls, in the same order. Other databases, and stores that scope
+Points are validated by MLflow's own checks, in MLflow's order. Other databases, and stores that scope
 queries to a workspace (they override ``_get_query``, which this statement does not go through),
 go to MLflow's code unchanged.
 
