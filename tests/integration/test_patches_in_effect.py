@@ -287,12 +287,15 @@ def test_idle_ping_connections_used_moments_ago_are_not_pinged_idle_ones_are(obs
     assert pings(idle) >= 1, idle  # MLflow pinged at every checkout: two or three per request
 
 
-def test_user_lookup_once_the_auth_check_loads_the_user_once(observed, run, native_stack):
+def test_user_lookup_once_the_auth_check_reads_the_user_and_grants_once(observed, run, native_stack):
     _, created = run
     rid = created.info.run_id
     log_metric(observed, native_stack, rid, 1)  # the credential and the run's experiment are remembered
     statements = statements_of(native_stack, lambda: log_metric(observed, native_stack, rid, 2))
     assert statements.count("FROM users") == 1, statements  # MLflow's check loads the user twice
+    # ... and then their grants, in a third session: now one statement reads both
+    reads = [sql for sql in statements.split("LOG:  statement:") if "FROM users" in sql or "role_permissions" in sql]
+    assert len(reads) == 1 and "FROM users" in reads[0] and "JOIN role_permissions" in reads[0], statements
     wrong = requests.post(f"{observed.uri}/api/2.0/mlflow/runs/log-metric", auth=("trainer", "not-the-password"),
                           json={"run_id": rid, "key": "loss", "value": 0.5, "timestamp": 1, "step": 3}, timeout=60)
     assert wrong.status_code == 401, wrong.text
