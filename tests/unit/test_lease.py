@@ -195,3 +195,75 @@ def test_claim_whose_write_was_refused_because_a_rival_inserted_first_loses():
     client.set_tag = insert_conflict
     with pytest.raises(RunInUseError, match="claimed by another process at the same moment"):
         keeper(client).claim("run1")
+
+
+@pytest.fixture
+def settle_clock(monkeypatch):
+    """The claim's settle wait on a clock the test moves: ``now[0]`` is monotonic time, and every
+    sleep the claim asks for is recorded (and passes at once)."""
+    from mltrainer import lease as lease_module
+
+    now, slept = [0.0], []
+    monkeypatch.setattr(lease_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(lease_module.time, "sleep", lambda seconds: slept.append(seconds))
+    return now, slept
+
+
+@pytest.mark.parametrize("work_s, wait_s", [(1.5, 0.5), (3.0, 0.0)])
+def test_work_while_settling_runs_after_our_write_and_the_wait_is_only_what_is_left(settle_clock, work_s, wait_s):
+    now, slept = settle_clock
+    client = FakeRunTags({LEASE_TAG: lease(renewed_at=NOW - 61).to_tag()})
+    mine = LeaseKeeper(client, 60, settle_seconds=2.0, clock=lambda: NOW)
+    seen = []
+
+    def download():
+        seen.append(Lease.from_tag(client.tags[LEASE_TAG]).owner)  # our lease is written before it runs
+        now[0] += work_s
+        return "checkpoint-4"
+
+    assert mine.claim("run1", while_settling=download) == "checkpoint-4"
+    assert seen == [mine.owner] and slept == [wait_s]
+    assert mine.run_id == "run1"
+    mine.release()
+
+
+def test_work_while_settling_on_a_claim_lost_to_a_rival_is_discarded(settle_clock):
+    client = FakeRunTags({LEASE_TAG: lease(renewed_at=NOW - 61).to_tag()})
+    mine, rival = (LeaseKeeper(client, 60, settle_seconds=2.0, clock=lambda: NOW) for _ in range(2))
+
+    def download():  # the rival read the dead lease before our write and writes after it
+        client.set_tag("run1", LEASE_TAG, rival.lease().to_tag())
+        return "checkpoint-4"
+
+    with pytest.raises(RunInUseError, match="claimed by another process at the same moment"):
+        mine.claim("run1", while_settling=download)
+    assert mine.run_id is None
+    writes = len(client.writes)
+    mine.release()  # what the trainer's exit path does: nothing to release, the rival's lease stays
+    mine.abandon("run1")
+    assert len(client.writes) == writes and Lease.from_tag(client.tags[LEASE_TAG]).owner == rival.owner
+
+
+def test_work_while_settling_that_fails_raises_its_error_once_the_claim_is_settled(settle_clock):
+    client = FakeRunTags()
+    mine = LeaseKeeper(client, 60, settle_seconds=2.0, clock=lambda: NOW)
+
+    def download():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        mine.claim("run1", while_settling=download)
+    assert mine.run_id == "run1"  # held: the caller abandons it, and the tag goes back to none
+    mine.abandon("run1")
+    assert LEASE_TAG not in client.tags
+
+    client = FakeRunTags()
+    mine, rival = (LeaseKeeper(client, 60, settle_seconds=2.0, clock=lambda: NOW) for _ in range(2))
+
+    def download_then_lose():
+        client.set_tag("run1", LEASE_TAG, rival.lease().to_tag())
+        raise OSError("disk full")
+
+    with pytest.raises(RunInUseError) as lost:
+        mine.claim("run1", while_settling=download_then_lose)
+    assert isinstance(lost.value.__cause__, OSError) and mine.run_id is None

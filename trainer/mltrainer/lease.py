@@ -34,10 +34,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
 from mltrainer.errors import EXIT_RESUME, MltrainerError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LEASE_TAG = "mltrainer.lease"
 DEFAULT_LEASE_SECONDS = 60  # config key tracking.lease_seconds
@@ -146,8 +149,16 @@ class LeaseKeeper:
         """Tags for a run this process creates: it is held from its first moment."""
         return {LEASE_TAG: self.lease().to_tag()}
 
-    def claim(self, run_id: str) -> None:
-        """Take the lease of an existing run, or raise :class:`RunInUseError` naming who has it."""
+    def claim(self, run_id: str, while_settling: Callable[[], T] | None = None) -> T | None:
+        """Take the lease of an existing run, or raise :class:`RunInUseError` naming who has it.
+
+        ``while_settling`` is work that needs the run to be ours but can start before that is
+        sure: it runs between our write and the read-back, in the settle time that was otherwise
+        spent waiting, and its result is returned once the claim holds. The lease is renewed
+        while it runs. It must leave nothing that a rival claimer would use if the claim is lost
+        (the resume downloads into a folder of its own); its error, if any, is raised once the
+        claim is settled, and a lost claim raises :class:`RunInUseError` from it.
+        """
         tags = self.client.get_run(run_id).data.tags
         if (live := holder(tags, self._clock(), me=self.owner)) is not None:
             raise RunInUseError(in_use_message(run_id, live, self._clock()))
@@ -159,14 +170,27 @@ class LeaseKeeper:
             # The server inserts a tag a run does not have yet, and two inserts at once fail the
             # second (a unique violation): a rival's claim landed instead of ours.
             refused = exc
-        time.sleep(self.settle_seconds)
+        settled_at = time.monotonic() + self.settle_seconds
+        result, failed = None, None
+        if while_settling is not None and refused is None:
+            self.hold(run_id)  # a long download must not let the lease we just wrote expire
+            try:
+                result = while_settling()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once we know whose run it is
+                failed = exc
+        time.sleep(max(0.0, settled_at - time.monotonic()))
         landed = Lease.from_tag(self.client.get_run(run_id).data.tags.get(LEASE_TAG))
-        if landed is None and refused is not None:
-            raise refused
         if landed is None or landed.owner != self.owner:
+            self._stop_renewing()
+            self.run_id = None  # nothing of ours to release
+            if landed is None and refused is not None:
+                raise refused
             raise RunInUseError(f"run {run_id} was claimed by another process at the same moment"
-                                + (f": {landed.describe(self._clock())}" if landed else ""))
+                                + (f": {landed.describe(self._clock())}" if landed else "")) from failed
         self.run_id = run_id
+        if failed is not None:
+            raise failed
+        return result
 
     def hold(self, run_id: str) -> None:
         """Renew the lease of ``run_id`` (claimed or created by us) in the background until :meth:`release`."""
@@ -194,10 +218,14 @@ class LeaseKeeper:
                            self.run_id, self.lease_seconds, exc)
 
     def abandon(self, run_id: str) -> None:
-        """Undo a claim whose resume could not proceed: the tag is put back as it was."""
+        """Undo a claim whose resume could not proceed: the tag is put back as it was, unless
+        another process holds the run by now (its lease is left alone)."""
         self._stop_renewing()
         self.run_id = None  # nothing left to release
         try:
+            current = Lease.from_tag(self.client.get_run(run_id).data.tags.get(LEASE_TAG))
+            if current is not None and current.owner != self.owner:
+                return
             if self._previous is None:
                 self.client.delete_tag(run_id, LEASE_TAG)
             else:

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 LATEST_PAGE_SIZE = 100
+# A resume downloads into <run folder>/<this prefix><lease owner> and moves the checkpoint into
+# place once its claim holds; the leading dot keeps the Trainer's checkpoint-* globs off it.
+STAGING_PREFIX = ".resume-download-"
 
 
 class ResumeError(MltrainerError):
@@ -172,8 +175,9 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which
     """Find the run, check it, claim its lease and download its checkpoint.
 
     Raises :class:`RunAlreadyFinished` for a FINISHED run and ``RunInUseError`` for a run another
-    live process trains, before anything is written. On success ``lease`` holds the run (and keeps
-    renewing it); on any later failure the claim is undone.
+    live process trains, before anything is written, or once a rival's claim of it at the same
+    moment wins. On success ``lease`` holds the run (and keeps renewing it); on any later failure
+    the claim is undone.
     """
     run = resolve_run(client, cfg, ref)
     check_compatible(run, cfg)
@@ -192,15 +196,29 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which
     if not complete:
         raise ResumeError(f"run {run_id} has no complete checkpoint in the store")
     candidates = _pick(complete, which)
-    # Claimed before the download: a rival resumer is refused at once instead of downloading
-    # into the same local folder, and the lease is renewed while the download runs.
-    lease.claim(run_id)
-    lease.hold(run_id)
+    run_dir = Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id)
+    # The download runs while the claim settles (a 2 s wait otherwise), into a folder of this
+    # process alone: a rival resumer that wins the claim finds none of it in the run's folder.
+    staging = run_dir / f"{STAGING_PREFIX}{lease.owner}"
     try:
-        return _download_and_restore(run, cfg, store, complete, candidates)
+        manifest, staged = lease.claim(run_id, while_settling=lambda: _download_first_good(run_id, store, candidates,
+                                                                                            staging))
+        local = run_dir / staged.name
+        if local.exists():
+            shutil.rmtree(local)
+        staged.rename(local)
     except BaseException:
-        lease.abandon(run_id)
+        if lease.run_id == run_id:  # the claim held: what failed came after it
+            lease.abandon(run_id)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    clear_dead_trainers_leftovers(run_dir, manifest.step)
+    retention = RetentionState(resumed_from=manifest.store_path)
+    for m in sorted(complete, key=lambda m: m.step):
+        retention.record_stored(m.store_path, m.step, m.metrics)
+    return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, complete, retention,
+                       last_logged_steps(run))
 
 
 def clear_dead_trainers_leftovers(run_dir: Path, resume_step: int) -> None:
@@ -219,6 +237,9 @@ def clear_dead_trainers_leftovers(run_dir: Path, resume_step: int) -> None:
     snapshots = run_dir / SNAPSHOT_DIR
     if snapshots.exists():
         stale.append(snapshots)
+    # A resumer killed mid-download leaves its staging folder; a rival still downloading into
+    # its own has lost the claim this trainer holds, and stops.
+    stale += sorted(run_dir.glob(f"{STAGING_PREFIX}*"))
     if stale:
         logger.warning("removing what the run's previous trainer left past step %d in %s (training redoes it): %s",
                        resume_step, run_dir, ", ".join(p.name for p in stale))
@@ -231,27 +252,16 @@ def _step_of(path: Path) -> int | None:
     return int(suffix) if path.is_dir() and suffix.isdigit() else None
 
 
-def _download_and_restore(run, cfg: TrainConfig, store: RunArtifacts, complete: list[Manifest],
-                          candidates: list[Manifest]) -> ResumePoint:
-    run_id = run.info.run_id
-    run_dir = Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id)
+def _download_first_good(run_id: str, store: RunArtifacts, candidates: list[Manifest],
+                         into: Path) -> tuple[Manifest, Path]:
+    """Download the newest candidate that arrives whole and verified, into ``into``/checkpoint-N."""
     for manifest in candidates:
-        local = run_dir / f"checkpoint-{manifest.step}"
-        if local.exists():
-            shutil.rmtree(local)
+        local = into / f"checkpoint-{manifest.step}"
         problem = download_checkpoint(store, manifest, local)
         if problem is None:
-            break
+            return manifest, local
         logger.warning("skipping checkpoint %s: %s", manifest.store_path, problem)
-    else:
-        raise ResumeError(f"run {run_id}: no checkpoint could be downloaded and verified (see warnings above)")
-    clear_dead_trainers_leftovers(run_dir, manifest.step)
-
-    retention = RetentionState(resumed_from=manifest.store_path)
-    for m in sorted(complete, key=lambda m: m.step):
-        retention.record_stored(m.store_path, m.step, m.metrics)
-    return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, complete, retention,
-                       last_logged_steps(run))
+    raise ResumeError(f"run {run_id}: no checkpoint could be downloaded and verified (see warnings above)")
 
 
 def last_logged_steps(run) -> dict[str, int]:
