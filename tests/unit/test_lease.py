@@ -267,3 +267,19 @@ def test_work_while_settling_that_fails_raises_its_error_once_the_claim_is_settl
     with pytest.raises(RunInUseError) as lost:
         mine.claim("run1", while_settling=download_then_lose)
     assert isinstance(lost.value.__cause__, OSError) and mine.run_id is None
+
+
+def test_work_while_settling_runs_when_our_write_errored_but_landed(settle_clock):
+    """A write whose answer was lost (a timeout after the server stored it) is still our claim:
+    the work must have run, or the resume would have no checkpoint to start from."""
+    client = FakeRunTags()
+    mine = LeaseKeeper(client, 60, settle_seconds=2.0, clock=lambda: NOW)
+
+    def stored_then_timed_out(run_id, key, value):
+        client.tags[key] = value
+        raise TimeoutError("read timed out")
+
+    client.set_tag = stored_then_timed_out
+    assert mine.claim("run1", while_settling=lambda: "checkpoint-4") == "checkpoint-4"
+    assert mine.run_id == "run1"
+    mine._stop_renewing()

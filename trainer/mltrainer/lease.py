@@ -154,8 +154,9 @@ class LeaseKeeper:
 
         ``while_settling`` is work that needs the run to be ours but can start before that is
         sure: it runs between our write and the read-back, in the settle time that was otherwise
-        spent waiting, and its result is returned once the claim holds. The lease is renewed
-        while it runs. It must leave nothing that a rival claimer would use if the claim is lost
+        spent waiting, and its result is returned once the claim holds. It starts the renewal
+        (:meth:`hold`), so a long download cannot let the new lease expire; without it, the caller
+        holds the run itself. It must leave nothing that a rival claimer would use if the claim is lost
         (the resume downloads into a folder of its own); its error, if any, is raised once the
         claim is settled, and a lost claim raises :class:`RunInUseError` from it.
         """
@@ -172,8 +173,10 @@ class LeaseKeeper:
             refused = exc
         settled_at = time.monotonic() + self.settle_seconds
         result, failed = None, None
-        if while_settling is not None and refused is None:
-            self.hold(run_id)  # a long download must not let the lease we just wrote expire
+        # Even after a write that raised: its answer may have been lost after the server stored
+        # it, and the read-back, not the error, says whose claim landed.
+        if while_settling is not None:
+            self.hold(run_id)
             try:
                 result = while_settling()
             except BaseException as exc:  # noqa: BLE001 - raised below, once we know whose run it is
