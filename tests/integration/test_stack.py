@@ -264,39 +264,41 @@ def test_mlflow_key_is_scoped_to_the_stack_bucket(native_stack):
 VOLUMES_PER_NEW_BUCKET = 7
 
 
-def test_s3_store_is_not_capped_at_eight_volumes(native_stack):
-    """SeaweedFS grows 7 volumes per bucket; its default cap of 8 left the stack full at ~7 GB."""
+def volume_topology(native_stack) -> dict:
+    """The SeaweedFS master's volume counts (Max, Free, ...)."""
     master = native_stack.stack.state["s3_internal_ports"]["master"]
     # The master answers only to the server's own client certificate (mlstack.seaweed_security).
     tls = native_stack.stack.s3_security_dir
-    topology = requests.get(f"https://127.0.0.1:{master}/dir/status", timeout=10, verify=str(tls / seaweed_security.CA_CERT),
-                            cert=(str(tls / seaweed_security.CERT), str(tls / seaweed_security.KEY))).json()["Topology"]
-    assert topology["Max"] > 8, topology["Max"]
+    answer = requests.get(f"https://127.0.0.1:{master}/dir/status", timeout=10, verify=str(tls / seaweed_security.CA_CERT),
+                          cert=(str(tls / seaweed_security.CERT), str(tls / seaweed_security.KEY)))
+    return answer.json()["Topology"]
+
+
+def test_s3_store_is_not_capped_at_eight_volumes(native_stack):
+    """SeaweedFS grows 7 volumes per bucket; its default cap of 8 left the stack full at ~7 GB."""
+    assert volume_topology(native_stack)["Max"] > 8
     root = native_stack.s3_root()
     root.put_object(Bucket=native_stack.bucket, Key="capacity-test", Body=b"x")
     # With -volume.max=0 the cap follows the disk's free space at start (1 GB volumes), so it is
     # the host, not the stack, that decides whether a new bucket's 7 volumes fit: say so plainly
     # rather than fail inside SeaweedFS with an InternalError. One more bucket (7 + 7 volumes)
     # already proves the old cap of 8 gone.
-    topology = requests.get(f"https://127.0.0.1:{master}/dir/status", timeout=10, verify=str(tls / seaweed_security.CA_CERT),
-                            cert=(str(tls / seaweed_security.CERT), str(tls / seaweed_security.KEY))).json()["Topology"]
+    topology = volume_topology(native_stack)
     free_gb = shutil.disk_usage(native_stack.stack.state_dir).free / 1e9
     assert topology["Free"] >= VOLUMES_PER_NEW_BUCKET, (
         f"this host's disk has {free_gb:.1f} GB free, room for {topology['Free']} more SeaweedFS volumes of 1 GB; "
         f"the test needs {VOLUMES_PER_NEW_BUCKET}: free some disk space")
-    extra = [f"capacity-{uuid.uuid4().hex[:8]}"]
+    bucket = f"capacity-{uuid.uuid4().hex[:8]}"
     try:
-        for bucket in extra:
-            root.create_bucket(Bucket=bucket)
-            root.put_object(Bucket=bucket, Key="k", Body=os.urandom(100_000))
-            assert root.head_object(Bucket=bucket, Key="k")["ContentLength"] == 100_000
+        root.create_bucket(Bucket=bucket)
+        root.put_object(Bucket=bucket, Key="k", Body=os.urandom(100_000))
+        assert root.head_object(Bucket=bucket, Key="k")["ContentLength"] == 100_000
     finally:
         root.delete_object(Bucket=native_stack.bucket, Key="capacity-test")
-        for bucket in extra:
-            for obj in root.list_objects_v2(Bucket=bucket).get("Contents", []) if _exists(root, bucket) else []:
+        if _exists(root, bucket):
+            for obj in root.list_objects_v2(Bucket=bucket).get("Contents", []):
                 root.delete_object(Bucket=bucket, Key=obj["Key"])
-            if _exists(root, bucket):
-                root.delete_bucket(Bucket=bucket)
+            root.delete_bucket(Bucket=bucket)
 
 
 def _exists(s3, bucket: str) -> bool:
