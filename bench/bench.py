@@ -44,6 +44,10 @@ from host import gpu_description, machine, write_random  # noqa: E402
 from worker import train_sets  # noqa: E402
 
 CASES = ("train", "transfer", "resume", "metrics", "dedup")
+# The training case's modes (bench/worker.py's train): none, stock and ours by default, boto3
+# (the floor) where an S3 server is known; apart (our uploader in a separate process) on request.
+TRAIN_MODES_DEFAULT = ("none", "stock", "ours")
+TRAIN_MODES = (*TRAIN_MODES_DEFAULT, "boto3", "apart")
 MINILM = REPO / ".models" / "all-MiniLM-L6-v2"
 TINY = REPO / "configs" / "models" / "tiny-bert"
 
@@ -219,35 +223,42 @@ def case_train(b: Bench) -> dict:
     a = b.args
     payload = {**model_choice(a.train_model), "steps": a.train_steps, "save_every": a.save_every,
                "batch_size": a.batch_size, "max_length": a.max_length, "work": str(b.work),
-               "torch_threads": a.torch_threads, "device": a.device}
-    runs: dict[str, list[dict]] = {"none": [], "stock": [], "ours": [], **({"boto3": []} if b.s3 else {})}
-    modes = list(runs)
+               "torch_threads": a.torch_threads, "device": a.device, "drop_stored": a.drop_stored}
+    modes = a.train_modes or [*TRAIN_MODES_DEFAULT, *(["boto3"] if b.s3 else [])]
+    if "boto3" in modes and not b.s3:
+        raise SystemExit("--train-modes boto3 needs an S3 server: none with --tracking-uri and no BENCH_S3_*")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for rep in range(a.repeat):
         for mode in balanced_order(modes, rep):
             os.sync()  # no writeback of the last run's checkpoints during this one
             r = b.worker("train", {**payload, "mode": mode})
-            log(f"train rep {rep + 1}/{a.repeat} {mode}: {r['wall_s']:.2f} s" +
-                (f" ({r['manifests']} manifests / {r['expected_saves']} saves, waits {r['queue_waits']})"
-                 if mode == "ours" else ""))
+            log(f"train rep {rep + 1}/{a.repeat} {mode}: {r['wall_s']:.2f} s, median step {1000 * r['median_step_s']:.1f} ms" +
+                (f" ({r['manifests']} manifests / {r['expected_saves']} saves, waits {r['queue_waits']}, "
+                 f"final wait {r['final_wait_s']:.2f} s)" if "manifests" in r else ""))
             runs[mode].append(r)
     walls = {m: summary([r["wall_s"] for r in rs]) for m, rs in runs.items()}
     steps = {m: summary([r["median_step_s"] for r in rs], 4) for m, rs in runs.items()}
     cpu = {m: {"trainer": summary([r["cpu_s"] for r in rs], 2), "stack": summary([r.get("stack_cpu_s") for r in rs], 2)}
            for m, rs in runs.items()}
-    ours = runs["ours"]
+    ours = runs.get("ours") or runs.get("apart") or []
+    with_none = {f"ratio_{m}_vs_none": ratio(walls[m], walls["none"]) if m in walls else None
+                 for m in TRAIN_MODES if m != "none"}  # every key, None for a mode not run
     return {
         "model": a.train_model, "device": a.device, "steps": a.train_steps, "save_every": a.save_every,
         "batch_size": a.batch_size, "max_length": a.max_length,
-        "torch_threads": a.torch_threads, "checkpoint_mb": round(ours[0]["checkpoint_bytes"] / MB, 1),
-        "wall_s": walls, "median_step_s": steps, "cpu_s": cpu,
-        "final_wait_s": summary([r["final_wait_s"] for r in ours], 2),
-        "ratio_stock_vs_none": ratio(walls["stock"], walls["none"]),
-        "ratio_ours_vs_none": ratio(walls["ours"], walls["none"]),
-        "ratio_boto3_vs_none": ratio(walls["boto3"], walls["none"]) if "boto3" in walls else None,
-        "ratio_ours_vs_boto3": ratio(walls["ours"], walls["boto3"]) if "boto3" in walls else None,
-        "manifests_equal_saves": all(r["manifests"] == r["expected_saves"] for r in ours),
-        "manifests": [r["manifests"] for r in ours], "expected_saves": ours[0]["expected_saves"],
-        "queue_waits_s": [sum(r["queue_waits"]) for r in ours],
+        "torch_threads": a.torch_threads,
+        "checkpoint_mb": round(ours[0]["checkpoint_bytes"] / MB, 1) if ours else None,
+        "modes": modes, "wall_s": walls, "median_step_s": steps, "cpu_s": cpu,
+        "final_wait_s": summary([r["final_wait_s"] for r in runs.get("ours", [])], 2),
+        "final_wait_apart_s": summary([r["final_wait_s"] for r in runs.get("apart", [])], 2),
+        **with_none,
+        "ratio_ours_vs_boto3": ratio(walls["ours"], walls["boto3"]) if {"ours", "boto3"} <= walls.keys() else None,
+        "manifests_equal_saves": all(r["manifests"] == r["expected_saves"]
+                                     for m in ("ours", "apart") for r in runs.get(m, [])),
+        "manifests": [r["manifests"] for r in runs.get("ours", [])],
+        "manifests_apart": [r["manifests"] for r in runs.get("apart", [])],
+        "expected_saves": a.train_steps // a.save_every,
+        "queue_waits_s": [sum(r["queue_waits"]) for r in runs.get("ours", [])],
     }
 
 
@@ -516,19 +527,27 @@ def points_per_s_cores_allow(cpu_ms: dict, cores: int, points_per_request: int =
 def table(r: dict) -> str:
     rows = [("case", "measure", "ours", "baseline", "ratio")]
     if t := r["cases"].get("train"):
+        w, step = t["wall_s"], t["median_step_s"]
         rows += [
             ("1 training", f"wall s, {t['steps']} steps, save/{t['save_every']} ({t['checkpoint_mb']} MB ckpt), " +
                            ("GPU" if t.get("device") == "cuda" else f"{t.get('torch_threads') or 'all'} torch thread(s)"),
-             fmt(t["wall_s"]["ours"], " s"), "none " + fmt(t["wall_s"]["none"], " s"),
-             rx(t["ratio_ours_vs_none"], TARGETS["training"])),
-            ("", "stock MLflowCallback (artifacts)", fmt(t["wall_s"]["stock"], " s"), "none", rx(t["ratio_stock_vs_none"])),
-            ("", "  the same saves by boto3 on a thread (no tracking)", fmt(t["wall_s"].get("boto3"), " s"), "none",
+             fmt(w.get("ours"), " s"), "none " + fmt(w["none"], " s"),
+             rx(t.get("ratio_ours_vs_none"), TARGETS["training"])),
+            ("", "stock MLflowCallback (artifacts)", fmt(w.get("stock"), " s"), "none", rx(t.get("ratio_stock_vs_none"))),
+            ("", "  the same saves by boto3 on a thread (no tracking)", fmt(w.get("boto3"), " s"), "none",
              rx(t.get("ratio_boto3_vs_none"))),
             ("", "  ours against that floor", "", "boto3 thread", rx(t.get("ratio_ours_vs_boto3"))),
-            ("", "manifests == saves", str(t["manifests_equal_saves"]), f"{t['expected_saves']} saves", ""),
-            ("", "  waiting for the last upload at the end", fmt(t["final_wait_s"], " s"), "", ""),
         ]
-        if t["cpu_s"]["ours"]["stack"]:
+        if "apart" in w:
+            rows += [("", "ours with the uploader in a separate process", fmt(w["apart"], " s"), "none",
+                      rx(t.get("ratio_apart_vs_none"))),
+                     ("", "  waiting for the last upload at the end", fmt(t["final_wait_apart_s"], " s"), "", "")]
+        rows += [
+            ("", "median step, ms: " + " / ".join(step), " / ".join(f"{1000 * step[m]['median']:.1f}" for m in step), "", ""),
+            ("", "manifests == saves", str(t["manifests_equal_saves"]), f"{t['expected_saves']} saves", ""),
+            ("", "  waiting for the last upload at the end (ours)", fmt(t["final_wait_s"], " s"), "", ""),
+        ]
+        if "ours" in t["cpu_s"] and t["cpu_s"]["ours"]["stack"]:
             c = t["cpu_s"]
             rows += [("", "  CPU-s of the training process", fmt(c["ours"]["trainer"], ""), "none " + fmt(c["none"]["trainer"], ""), ""),
                      ("", "  CPU-s of the stack (PG, S3, MLflow) meanwhile", fmt(c["ours"]["stack"], ""),
@@ -595,6 +614,11 @@ def parse(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the training case trains (cuda: bf16 mixed precision, see bench/gpu_case.sh)")
     p.add_argument("--train-steps", type=int, help="training steps (default 400; smoke 4)")
+    p.add_argument("--drop-stored", action="store_true",
+                   help="delete a tracked training run's stored checkpoints once counted (a GPU machine's disk "
+                        "holds a few runs of 4 GB checkpoints, not a whole case)")
+    p.add_argument("--train-modes", help=f"comma-separated modes of the training case, from {','.join(TRAIN_MODES)} "
+                   "(default: none,stock,ours, and boto3 where an S3 server is known); none is always run")
     p.add_argument("--save-every", type=int, help="save every N steps (default 100; smoke 2)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads of the training case (default 1: the other core stays free for uploads "
@@ -619,6 +643,11 @@ def parse(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, small if smoke else full)
     a.cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    if a.train_modes is not None:
+        modes = [m.strip() for m in a.train_modes.split(",") if m.strip()]
+        if bad := [m for m in modes if m not in TRAIN_MODES]:
+            p.error(f"unknown training mode(s) {bad}; choose from {TRAIN_MODES}")
+        a.train_modes = ["none", *dict.fromkeys(m for m in modes if m != "none")]  # the ratios' baseline
     if bad := [c for c in a.cases if c not in CASES]:
         p.error(f"unknown case(s) {bad}; choose from {CASES}")
     return a

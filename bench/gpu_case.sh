@@ -83,4 +83,4 @@ PY
 
 echo ">>> bench, free space: $(df -BG --output=avail "$work" | tail -1)"
 PYTHONUNBUFFERED=1 "$py" bench/bench.py --tracking-uri "http://127.0.0.1:$port" --mlflow-pid "$server" \
-    --cases train --torch-threads 0 --output "$out/bench-gpu.json" "$@"
+    --cases train --torch-threads 0 --drop-stored --output "$out/bench-gpu.json" "$@"

@@ -100,9 +100,71 @@ def _boto3_every_save():
     return Boto3EverySave()
 
 
+def _uploads_apart_child(cfg, run_id: str, run_dir: str, jobs, results) -> None:
+    """The child process of mode ``apart``: the trainer's own pipeline, fed saves by the parent."""
+    _stop_tqdm()
+    from mlflow.tracking import MlflowClient
+
+    from mltrainer.pipeline import build_checkpoint_pipeline
+    from mltrainer.uploader import UploadJob
+
+    uploader = build_checkpoint_pipeline(cfg, MlflowClient(), run_id, Path(run_dir)).uploader
+    results.put("ready")
+    while (job := jobs.get()) is not None:
+        snap, local, store_path, step = job
+        uploader.submit(UploadJob(Path(snap), Path(local), store_path, step, {}))
+    uploader.close(progress=False)
+    results.put({"final_wait_s": uploader.stats.final_wait_s, "uploaded_bytes": uploader.stats.uploaded_bytes,
+                 "deduplicated_bytes": uploader.stats.deduplicated_bytes, "checkpoints": uploader.stats.checkpoints, "waits": uploader.stats.waits})
+
+
+def _uploads_apart(cfg, run_id: str, run_dir: Path):
+    """Our uploader in a separate process (a diagnostic, not a product mode): does sharing the
+    training process's interpreter slow the steps? The training side keeps what ours does on a
+    save (the hard-linked snapshot) and hands the rest to the child through a queue."""
+    import multiprocessing
+
+    from transformers import TrainerCallback
+
+    from mltrainer.callback import SNAPSHOT_DIR, snapshot
+    from mltrainer.naming import checkpoint_store_path
+
+    ctx = multiprocessing.get_context("spawn")  # no CUDA state, no threads inherited by a fork
+    jobs, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_uploads_apart_child, args=(cfg, run_id, str(run_dir), jobs, results), daemon=True)
+    child.start()
+    if results.get(timeout=300) != "ready":
+        raise RuntimeError("the upload process did not start")
+
+    class UploadsApart(TrainerCallback):
+        stats: dict = {}
+
+        def on_save(self, args, state, control, **_k):
+            step = state.global_step
+            local = Path(args.output_dir) / f"checkpoint-{step}"
+            snap = snapshot(local, run_dir / SNAPSHOT_DIR / f"step-{step}")
+            store_path = checkpoint_store_path(cfg.checkpoints.path_template, step=step, epoch=state.epoch)
+            jobs.put((str(snap), str(local), store_path, step))
+
+        def on_train_end(self, *_a, **_k):
+            started = time.perf_counter()
+            jobs.put(None)
+            self.stats = results.get()
+            self.stats["final_wait_s"] = time.perf_counter() - started  # what training waited, IPC included
+
+        def join(self) -> None:
+            """After the clock stopped: the child's interpreter shutdown is not what is measured."""
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"the upload process exited with {child.exitcode}")
+
+    return UploadsApart()
+
+
 def train(a: dict) -> dict:
     """mode none: plain Trainer; stock: transformers' MLflowCallback with artifacts; ours: our
-    callback; boto3: every save's files uploaded by boto3 on a thread (no tracking at all)."""
+    callback; apart: our uploader in a separate process, no metrics; boto3: every save's files
+    uploaded by boto3 on a thread (no tracking at all)."""
     _stop_tqdm()
     mode = a["mode"]
     if mode == "stock":
@@ -126,8 +188,8 @@ def train(a: dict) -> dict:
 
     set_seed(args.seed)
     prepared = prepare(cfg)
-    callbacks, uploader, client, run_id = [], None, None, None
-    if mode == "ours":
+    callbacks, uploader, client, run_id, apart = [], None, None, None, None
+    if mode in ("ours", "apart"):
         from mlflow.tracking import MlflowClient
 
         from mltrainer import tracking
@@ -135,10 +197,14 @@ def train(a: dict) -> dict:
 
         client = MlflowClient()
         run_id = tracking.create_run(client, cfg, f"bench-{mode}")
-        # The trainer's own wiring (train.py builds it the same way), so the bench measures the product
-        pipeline = build_checkpoint_pipeline(cfg, client, run_id, out_dir)
-        uploader = pipeline.uploader
-        callbacks.append(pipeline.callback)
+        if mode == "ours":
+            # The trainer's own wiring (train.py builds it the same way), so the bench measures the product
+            pipeline = build_checkpoint_pipeline(cfg, client, run_id, out_dir)
+            uploader = pipeline.uploader
+            callbacks.append(pipeline.callback)
+        else:
+            apart = _uploads_apart(cfg, run_id, out_dir)
+            callbacks.append(apart)
     if mode == "boto3":
         callbacks.append(_boto3_every_save())
     trainer = Trainer(model=prepared.model, args=args, train_dataset=prepared.train_dataset,
@@ -158,12 +224,14 @@ def train(a: dict) -> dict:
     started, cpu_before = time.perf_counter(), _cpu_seconds()
     trainer.train()  # ours: on_train_end drains the upload queue, so every checkpoint is stored
     wall = time.perf_counter() - started
+    if apart is not None:
+        apart.join()
     result = {"mode": mode, "wall_s": wall, "steps": trainer.state.global_step,
               "cpu_s": round(_cpu_seconds() - cpu_before, 2),
               "median_step_s": statistics.median(step_times) if step_times else None,
               "saves": len([p for p in out_dir.glob("checkpoint-*") if p.is_dir()]),
               "expected_saves": a["steps"] // a["save_every"]}
-    if mode == "ours":
+    if mode in ("ours", "apart"):
         import mlflow
 
         from mltrainer.store import scan
@@ -172,10 +240,17 @@ def train(a: dict) -> dict:
         complete = [c for c in scan(client, run_id) if c.manifest is not None]
         sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
                  for p in out_dir.glob("checkpoint-*") if p.is_dir()]
-        result.update(run_id=run_id, manifests=len(complete), final_wait_s=round(uploader.stats.final_wait_s, 3), uploaded_bytes=uploader.stats.uploaded_bytes,
-                      deduplicated_bytes=uploader.stats.deduplicated_bytes, folder_bytes=sum(sizes),
-                      checkpoint_bytes=max(sizes) if sizes else 0, queue_waits=uploader.stats.waits)
+        stats = uploader.stats.__dict__ if uploader else apart.stats
+        result.update(run_id=run_id, manifests=len(complete), final_wait_s=round(stats["final_wait_s"], 3),
+                      uploaded_bytes=stats["uploaded_bytes"],
+                      deduplicated_bytes=stats["deduplicated_bytes"], folder_bytes=sum(sizes),
+                      checkpoint_bytes=max(sizes) if sizes else 0, queue_waits=stats["waits"])
         client.set_terminated(run_id, "FINISHED")
+        if a.get("drop_stored"):  # counted above; the next run needs the disk (GBs a run on a GPU)
+            from mltrainer.naming import DEFAULT_ROOT
+            from mltrainer.transfer import RunArtifacts
+
+            RunArtifacts.of_run(client, run_id).delete_artifacts(DEFAULT_ROOT)
     if mode == "stock":
         import mlflow
 

@@ -1,0 +1,32 @@
+"""The training case's modes on the command line: checked before anything starts."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_under_test_modes", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_modes_default_to_none_until_the_case_knows_its_stack(bench):
+    assert bench.parse(["--cases", "train"]).train_modes is None
+
+
+def test_untracked_runs_first_and_once_whatever_is_asked(bench):
+    a = bench.parse(["--train-modes", "apart, ours,none,apart"])
+    assert a.train_modes == ["none", "apart", "ours"]
+
+
+def test_an_unknown_mode_is_refused_by_name(bench, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse(["--train-modes", "ours,aprt"])
+    assert exc.value.code == 2
+    assert "unknown training mode(s) ['aprt']" in capsys.readouterr().err
