@@ -58,3 +58,23 @@ def test_part_limit_caps_parts_in_flight_and_raising_it_releases_the_waiting_one
     for t in threads:
         t.join(5)
     assert (in_flight, most, limit.limit) == (0, 4, 4)
+
+
+def test_a_proxied_upload_body_goes_out_in_large_blocks_with_its_length(tmp_path):
+    """What the GIL fix rests on: urllib3 asks for 16 KiB and gets SEND_SIZE, and requests still
+    sends a Content-Length (not chunked) counted from where the file stands, as for a plain file."""
+    import requests
+    from urllib3.util.request import body_to_chunks
+
+    from mltrainer.transfer import SEND_SIZE, LargeBlocks
+
+    data = bytes(range(256)) * (SEND_SIZE // 128 + 3)  # two full blocks and a part
+    path = tmp_path / "optimizer.pt"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        chunks = list(body_to_chunks(LargeBlocks(f), method="PUT", blocksize=16384).chunks)
+        assert [len(c) for c in chunks] == [SEND_SIZE, SEND_SIZE, len(data) - 2 * SEND_SIZE]
+        assert b"".join(chunks) == data
+        f.seek(100)
+        sent = requests.Request("PUT", "http://127.0.0.1:1/x", data=LargeBlocks(f)).prepare()
+        assert sent.headers["Content-Length"] == str(len(data) - 100) and "Transfer-Encoding" not in sent.headers
