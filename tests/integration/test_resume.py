@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from mltrainer.lease import LEASE_TAG
 from trainer_support import wait_until_resumable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,7 +260,8 @@ def bucket_state(native_stack) -> dict[str, int]:
     return native_stack.bucket_keys("artifacts/")
 
 
-@pytest.mark.parametrize("case", ["unknown-run", "model-mismatch", "task-mismatch", "wrong-password", "no-checkpoint"])
+@pytest.mark.parametrize("case", ["unknown-run", "model-mismatch", "task-mismatch", "wrong-password", "no-checkpoint",
+                                  "bad-data"])
 def test_failed_resume_says_why_and_changes_nothing(native_stack, finished_run, tmp_path, case):
     env = native_stack.client_env()
     client = client_for(native_stack)
@@ -293,11 +295,23 @@ def test_failed_resume_says_why_and_changes_nothing(native_stack, finished_run, 
                 "--set", "checkpoints.monitor=null", "--set", "checkpoints.save_top_k=null",
                 "--resume", run.info.run_id]
         expect_text = "has no complete checkpoint"
+    elif case == "bad-data":
+        # Found only while the model and data are built, which runs beside the claim and the
+        # download: the claim, which held by then, is given back.
+        crash(client, finished_run)  # the tests before finished it again
+        bad = tmp_path / "no-text-column.csv"
+        bad.write_text("sentence,label\nfine,1\nbad,0\n")
+        args += ["--set", f"data.files.train={bad}", "--set", f"data.files.eval={bad}"]
+        expect_rc, expect_text = 2, "column 'text' not in the training data"
     before = bucket_state(native_stack)
     status_before = client.get_run(finished_run).info.status
+    lease_before = client.get_run(finished_run).data.tags.get(LEASE_TAG)
     done = run_cli(args, env)
     assert done.returncode == expect_rc, done.stdout[-2000:] + done.stderr[-2000:]
     assert expect_text in done.stderr
     assert bucket_state(native_stack) == before
     assert client.get_run(finished_run).info.status == status_before
-    assert not any(tmp_path.glob("*/checkpoint-*"))
+    assert client.get_run(finished_run).data.tags.get(LEASE_TAG) == lease_before
+    downloaded = list(tmp_path.glob("*/checkpoint-*"))
+    # The claim held and its download finished before the error was raised; it stays on local disk.
+    assert len(downloaded) == (1 if case == "bad-data" else 0), downloaded

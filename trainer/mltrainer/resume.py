@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,13 +172,22 @@ def _pick(candidates: list[Manifest], which: str | None) -> list[Manifest]:
                       f"(complete: {', '.join(m.store_path for m in ordered) or 'none'})")
 
 
-def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which: str | None = None) -> ResumePoint:
-    """Find the run, check it, claim its lease and download its checkpoint.
+@dataclass
+class ResumePlan:
+    """What a resume will claim and download: decided before anything in the store changes."""
 
-    Raises :class:`RunAlreadyFinished` for a FINISHED run and ``RunInUseError`` for a run another
-    live process trains, before anything is written, or once a rival's claim of it at the same
-    moment wins. On success ``lease`` holds the run (and keeps renewing it); on any later failure
-    the claim is undone.
+    run: object  # mlflow.entities.Run
+    store: RunArtifacts
+    complete: list[Manifest]  # every complete checkpoint of the run
+    candidates: list[Manifest]  # the ones to try, in order
+    run_dir: Path
+
+
+def plan_resume(client, cfg: TrainConfig, ref: str, which: str | None = None) -> ResumePlan:
+    """Find the run and check it: everything that can refuse a resume, before anything is written.
+
+    Raises :class:`RunAlreadyFinished` for a FINISHED run, ``RunInUseError`` for a run another
+    live process trains, and :class:`ResumeError` for the rest.
     """
     run = resolve_run(client, cfg, ref)
     check_compatible(run, cfg)
@@ -195,14 +205,24 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which
     complete = [c.manifest for c in found if c.manifest is not None]
     if not complete:
         raise ResumeError(f"run {run_id} has no complete checkpoint in the store")
-    candidates = _pick(complete, which)
-    run_dir = Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id)
+    return ResumePlan(run, store, complete, _pick(complete, which),
+                      Path(cfg.output_root).resolve() / run_dir_name(run.info.run_name, run_id))
+
+
+def claim_and_fetch(plan: ResumePlan, lease: LeaseKeeper) -> ResumePoint:
+    """Claim the run's lease and download its checkpoint.
+
+    Raises ``RunInUseError`` once a rival's claim of it at the same moment wins. On success
+    ``lease`` holds the run (and keeps renewing it); on any later failure the claim is undone.
+    """
+    run, run_dir = plan.run, plan.run_dir
+    run_id = run.info.run_id
     # The download runs while the claim settles (a 2 s wait otherwise), into a folder of this
     # process alone: a rival resumer that wins the claim finds none of it in the run's folder.
     staging = run_dir / f"{STAGING_PREFIX}{lease.owner}"
     try:
-        manifest, staged = lease.claim(run_id, while_settling=lambda: _download_first_good(run_id, store, candidates,
-                                                                                            staging))
+        manifest, staged = lease.claim(run_id, while_settling=lambda: _download_first_good(
+            run_id, plan.store, plan.candidates, staging))
         local = run_dir / staged.name
         if local.exists():
             shutil.rmtree(local)
@@ -215,10 +235,45 @@ def prepare_resume(client, cfg: TrainConfig, ref: str, lease: LeaseKeeper, which
         shutil.rmtree(staging, ignore_errors=True)
     clear_dead_trainers_leftovers(run_dir, manifest.step)
     retention = RetentionState(resumed_from=manifest.store_path)
-    for m in sorted(complete, key=lambda m: m.step):
+    for m in sorted(plan.complete, key=lambda m: m.step):
         retention.record_stored(m.store_path, m.step, m.metrics)
-    return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, complete, retention,
+    return ResumePoint(run_id, run.info.run_name, manifest, local, run_dir, plan.complete, retention,
                        last_logged_steps(run))
+
+
+class ClaimInBackground:
+    """:func:`claim_and_fetch` on a thread of its own, so the model and the data are built meanwhile:
+    a resume then takes the longer of the two, not their sum (the claim alone settles for 2 s)."""
+
+    def __init__(self, plan: ResumePlan, lease: LeaseKeeper):
+        self._lease = lease
+        self._point: ResumePoint | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._claim, args=(plan,), name="resume-claim", daemon=True)
+        self._thread.start()
+
+    def _claim(self, plan: ResumePlan) -> None:
+        try:
+            self._point = claim_and_fetch(plan, self._lease)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by result()
+            self._error = exc
+
+    def result(self) -> ResumePoint:
+        """The claimed run's resume point, once the claim holds and the checkpoint is on disk."""
+        try:
+            self._thread.join()
+        except BaseException:  # interrupted while waiting (Ctrl-C): the run is given back once the claim ends
+            self.undo()
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._point
+
+    def undo(self) -> None:
+        """What the caller did meanwhile failed: wait for the claim, and give the run back if it held."""
+        self._thread.join()
+        if self._point is not None:
+            self._lease.abandon(self._point.run_id)
 
 
 def clear_dead_trainers_leftovers(run_dir: Path, resume_step: int) -> None:

@@ -109,19 +109,28 @@ def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None
     from mltrainer.lease import RunInUseError
     from mltrainer.modeling import prepare
     from mltrainer.pipeline import build_checkpoint_pipeline
-    from mltrainer.resume import prepare_resume
+    from mltrainer.resume import ClaimInBackground, plan_resume
 
-    point = None
+    point = claiming = None
     if main:
         tracking.check_server(client)
         if resume is not None:
-            point = prepare_resume(client, cfg, resume, lease, resume_checkpoint)
+            # Whatever refuses the resume does so here, at once; the claim and the download then
+            # run beside the model's and the data's building below.
+            claiming = ClaimInBackground(plan_resume(client, cfg, resume, resume_checkpoint), lease)
     # Seed before the model is built: a model made from a config gets the same initial weights
     # every time, so two runs of one config are comparable (and a resume matches a straight run).
     from transformers import set_seed
 
     set_seed(args.seed)
-    prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
+    try:
+        prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
+    except BaseException:
+        if claiming is not None:
+            claiming.undo()  # nor a claimed lease
+        raise
+    if claiming is not None:
+        point = claiming.result()
     run_id = run_name = None
     if main:
         if point is not None:
