@@ -53,3 +53,10 @@ def test_undo_waits_for_a_claim_still_running_then_gives_the_run_back(monkeypatc
     threading.Timer(0.2, gate.set).start()
     claim.undo()  # the model's building failed while the claim was still settling
     assert lease.abandoned == ["r1"]
+
+
+def test_once_the_run_is_handed_out_a_later_failure_does_not_give_it_back(monkeypatch):
+    claim, lease = claiming(monkeypatch, Point())
+    claim.result()
+    claim.undo()  # training failed after it had the run: the run is released, not abandoned
+    assert lease.abandoned == []

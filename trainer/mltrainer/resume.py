@@ -242,13 +242,15 @@ def claim_and_fetch(plan: ResumePlan, lease: LeaseKeeper) -> ResumePoint:
 
 
 class ClaimInBackground:
-    """:func:`claim_and_fetch` on a thread of its own, so the model and the data are built meanwhile:
-    a resume then takes the longer of the two, not their sum (the claim alone settles for 2 s)."""
+    """:func:`claim_and_fetch` on a thread of its own, so the rest of the start (torch's import, the
+    model, the data) runs meanwhile: a resume then takes the longer of the two, not their sum (the
+    claim alone settles for 2 s)."""
 
     def __init__(self, plan: ResumePlan, lease: LeaseKeeper):
         self._lease = lease
         self._point: ResumePoint | None = None
         self._error: BaseException | None = None
+        self._handed_out = False  # result() gave the run to the caller: from then on it is theirs
         self._thread = threading.Thread(target=self._claim, args=(plan,), name="resume-claim", daemon=True)
         self._thread.start()
 
@@ -267,10 +269,14 @@ class ClaimInBackground:
             raise
         if self._error is not None:
             raise self._error
+        self._handed_out = True
         return self._point
 
     def undo(self) -> None:
-        """What the caller did meanwhile failed: wait for the claim, and give the run back if it held."""
+        """What the caller did before taking the result failed: wait for the claim, and give the
+        run back if it held. Once the result was taken, the run is the caller's: nothing to undo."""
+        if self._handed_out:
+            return
         self._thread.join()
         if self._point is not None:
             self._lease.abandon(self._point.run_id)

@@ -87,50 +87,49 @@ def train(cfg: TrainConfig, *, resume: str | None = None, resume_checkpoint: str
     ``parent_run_id`` makes the run a nested child (sweep trials, cross-validation folds).
     """
     from mltrainer.lease import LeaseKeeper
+    from mltrainer.resume import ClaimInBackground, plan_resume
 
     client = tracking.client_for(cfg)
-    args = build_training_arguments(cfg)
-    _ = args.device  # initialises torch.distributed under torchrun/accelerate
     main = is_main_process()
     # This process's lease on its run (rank 0 only): no second trainer may resume it meanwhile.
     lease = LeaseKeeper(client, cfg.tracking.lease_seconds) if main else None
+    claiming = None
     try:
-        return _train(cfg, args, client, lease, main, resume, resume_checkpoint, parent_run_id, extra_tags)
+        if main and resume is not None:
+            # A resume starts first: whatever refuses it does so at once, and its claim (a 2 s
+            # settle) and download run beside the rest of the start: torch's import, the model, the data.
+            tracking.check_server(client)
+            claiming = ClaimInBackground(plan_resume(client, cfg, resume, resume_checkpoint), lease)
+        args = build_training_arguments(cfg)
+        _ = args.device  # initialises torch.distributed under torchrun/accelerate
+        return _train(cfg, args, client, lease, main, claiming, parent_run_id, extra_tags)
+    except BaseException:
+        if claiming is not None:
+            claiming.undo()  # a failure before the claimed run was handed to the training: give it back
+        raise
     finally:
         if lease is not None:
             lease.release()
 
 
-def _train(cfg: TrainConfig, args, client, lease, main: bool, resume: str | None, resume_checkpoint: str | None,
-           parent_run_id: str | None, extra_tags: dict[str, str] | None) -> TrainResult:
+def _train(cfg: TrainConfig, args, client, lease, main: bool, claiming, parent_run_id: str | None,
+           extra_tags: dict[str, str] | None) -> TrainResult:
     from transformers import Trainer
 
     from mltrainer.callback import ReachedMaxSteps
     from mltrainer.lease import RunInUseError
     from mltrainer.modeling import prepare
     from mltrainer.pipeline import build_checkpoint_pipeline
-    from mltrainer.resume import ClaimInBackground, plan_resume
 
-    point = claiming = None
-    if main:
+    if main and claiming is None:
         tracking.check_server(client)
-        if resume is not None:
-            # Whatever refuses the resume does so here, at once; the claim and the download then
-            # run beside the model's and the data's building below.
-            claiming = ClaimInBackground(plan_resume(client, cfg, resume, resume_checkpoint), lease)
     # Seed before the model is built: a model made from a config gets the same initial weights
     # every time, so two runs of one config are comparable (and a resume matches a straight run).
     from transformers import set_seed
 
     set_seed(args.seed)
-    try:
-        prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
-    except BaseException:
-        if claiming is not None:
-            claiming.undo()  # nor a claimed lease
-        raise
-    if claiming is not None:
-        point = claiming.result()
+    prepared = prepare(cfg)  # before the run: a bad dataset or model path must not leave a run behind
+    point = claiming.result() if claiming is not None else None
     run_id = run_name = None
     if main:
         if point is not None:
