@@ -29,17 +29,16 @@ def load_raw_datasets(cfg: TrainConfig):
 
     data = cfg.data
     if data.files is not None:
-        files = {"train": data.files.train}
-        if data.files.eval:
-            files["eval"] = data.files.eval
-        raw = load_dataset(data.files.format, data_files=files)
-        train, evaluation = raw["train"], raw["eval"] if "eval" in raw else None
+        # One file at a time: loaded together, files whose columns differ fail inside datasets
+        # with an error that names neither the setting nor what is missing.
+        train = load_dataset(data.files.format, data_files={"train": data.files.train}, split="train")
+        evaluation = (load_dataset(data.files.format, data_files={"eval": data.files.eval}, split="eval")
+                      if data.files.eval else None)
     else:
         hub = data.hub
         train = load_dataset(hub.name, hub.config, split=hub.split_train)
         evaluation = load_dataset(hub.name, hub.config, split=hub.split_eval) if hub.split_eval else None
-    if data.text_column not in train.column_names:
-        raise ConfigError("data.text_column", f"column {data.text_column!r} not in the training data {train.column_names}")
+    require_column(data.text_column, "data.text_column", train, evaluation)
     if data.max_train_samples:
         train = train.select(range(min(data.max_train_samples, len(train))))
     if evaluation is not None and data.max_eval_samples:
@@ -47,10 +46,16 @@ def load_raw_datasets(cfg: TrainConfig):
     return train, evaluation
 
 
+def require_column(column: str, key: str, train, evaluation) -> None:
+    """``column`` (the setting ``key``) in the training data and in the evaluation data, if any."""
+    for split, what in ((train, "training"), (evaluation, "evaluation")):
+        if split is not None and column not in split.column_names:
+            raise ConfigError(key, f"column {column!r} not in the {what} data {split.column_names}")
+
+
 def _label_mapping(cfg: TrainConfig, train, evaluation) -> dict[Any, int]:
     column = cfg.data.label_column
-    if column not in train.column_names:
-        raise ConfigError("data.label_column", f"column {column!r} not in the training data {train.column_names}")
+    require_column(column, "data.label_column", train, evaluation)
     values = set(train[column]) | (set(evaluation[column]) if evaluation is not None else set())
     ordered = sorted(values, key=lambda v: (str(type(v)), v))
     if all(isinstance(v, int) for v in ordered) and ordered == list(range(len(ordered))):
