@@ -1,21 +1,14 @@
 """The bench's case order: a Williams design, so no case always runs after the same neighbour."""
 
-import importlib.util
 import itertools
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench.py"
-
 
 @pytest.fixture(scope="module")
-def balanced_order():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.balanced_order
+def balanced_order(bench):
+    return bench.balanced_order
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])

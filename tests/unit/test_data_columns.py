@@ -25,17 +25,12 @@ def test_an_evaluation_file_with_other_columns_loads_when_it_has_the_needed_ones
     assert evaluation["source"] == ["web"]
 
 
-def test_an_evaluation_file_without_the_text_column_is_named(tmp_path):
-    cfg = config(tmp_path, "text,label\ngood,1\nbad,0\n", "sentence,label\nfine,1\n")
-    with pytest.raises(ConfigError) as exc:
-        load_raw_datasets(cfg)
-    assert exc.value.key == "data.text_column"
-    assert "column 'text' not in the evaluation data ['sentence', 'label']" in str(exc.value)
-
-
-def test_an_evaluation_file_without_the_label_column_is_named(tmp_path):
-    cfg = config(tmp_path, "text,label\ngood,1\nbad,0\n", "text,stars\nfine,5\n")
+@pytest.mark.parametrize("evaluation, key, message", [
+    ("sentence,label\nfine,1\n", "data.text_column", "column 'text' not in the evaluation data ['sentence', 'label']"),
+    ("text,stars\nfine,5\n", "data.label_column", "column 'label' not in the evaluation data ['text', 'stars']"),
+])
+def test_an_evaluation_file_without_a_needed_column_is_named(tmp_path, evaluation, key, message):
+    cfg = config(tmp_path, "text,label\ngood,1\nbad,0\n", evaluation)
     with pytest.raises(ConfigError) as exc:
         prepare(cfg)
-    assert exc.value.key == "data.label_column"
-    assert "column 'label' not in the evaluation data ['text', 'stars']" in str(exc.value)
+    assert exc.value.key == key and message in str(exc.value)
