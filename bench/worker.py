@@ -108,14 +108,19 @@ def _uploads_apart_child(cfg, run_id: str, run_dir: str, jobs, results) -> None:
     from mltrainer.pipeline import build_checkpoint_pipeline
     from mltrainer.uploader import UploadJob
 
-    uploader = build_checkpoint_pipeline(cfg, MlflowClient(), run_id, Path(run_dir)).uploader
-    results.put("ready")
-    while (job := jobs.get()) is not None:
-        snap, local, store_path, step = job
-        uploader.submit(UploadJob(Path(snap), Path(local), store_path, step, {}))
-    uploader.close(progress=False)
-    results.put({"final_wait_s": uploader.stats.final_wait_s, "uploaded_bytes": uploader.stats.uploaded_bytes,
-                 "deduplicated_bytes": uploader.stats.deduplicated_bytes, "checkpoints": uploader.stats.checkpoints, "waits": uploader.stats.waits})
+    try:
+        uploader = build_checkpoint_pipeline(cfg, MlflowClient(), run_id, Path(run_dir)).uploader
+        results.put("ready")
+        while (job := jobs.get()) is not None:
+            snap, local, store_path, step = job
+            uploader.submit(UploadJob(Path(snap), Path(local), store_path, step, {}))
+        uploader.close(progress=False)
+    except BaseException as exc:  # the parent waits on ``results``: it must hear of a failure too
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    stats = uploader.stats
+    results.put({"final_wait_s": stats.final_wait_s, "uploaded_bytes": stats.uploaded_bytes,
+                 "deduplicated_bytes": stats.deduplicated_bytes, "checkpoints": stats.checkpoints, "waits": stats.waits})
 
 
 def _uploads_apart(cfg, run_id: str, run_dir: Path):
@@ -133,8 +138,8 @@ def _uploads_apart(cfg, run_id: str, run_dir: Path):
     jobs, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_uploads_apart_child, args=(cfg, run_id, str(run_dir), jobs, results), daemon=True)
     child.start()
-    if results.get(timeout=300) != "ready":
-        raise RuntimeError("the upload process did not start")
+    if (started := results.get(timeout=300)) != "ready":
+        raise RuntimeError(f"the upload process did not start: {started}")
 
     class UploadsApart(TrainerCallback):
         stats: dict = {}
@@ -150,6 +155,8 @@ def _uploads_apart(cfg, run_id: str, run_dir: Path):
             started = time.perf_counter()
             jobs.put(None)
             self.stats = results.get()
+            if "error" in self.stats:
+                raise RuntimeError(f"the upload process failed: {self.stats['error']}")
             self.stats["final_wait_s"] = time.perf_counter() - started  # what training waited, IPC included
 
         def join(self) -> None:
