@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,9 @@ def test_backups_taken_while_a_trainer_stores_and_evicts_checkpoints_hold_only_w
         made = backup_cli("create", f"--state-dir={stack.stack.state_dir}", "--env-file=", f"--into={backups_root}")
         assert made.returncode == 0, made.stdout + made.stderr
         taken += 1
+        # A backup is named by the second it starts in, and refuses a name that exists: on a quick
+        # host (a small bucket once the trainer has ended) the next one could start in the same second.
+        time.sleep(1.01 - time.time() % 1)
     finish(proc)
     checked = 0
     for backup in sorted(p for p in backups_root.iterdir() if not p.name.startswith(".")):
