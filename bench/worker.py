@@ -8,6 +8,7 @@ kinds get the bucket-scoped S3 key (through the environment, set by the parent).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -118,9 +119,7 @@ def _uploads_apart_child(cfg, run_id: str, run_dir: str, jobs, results) -> None:
     except BaseException as exc:  # the parent waits on ``results``: it must hear of a failure too
         results.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
-    stats = uploader.stats
-    results.put({"final_wait_s": stats.final_wait_s, "uploaded_bytes": stats.uploaded_bytes,
-                 "deduplicated_bytes": stats.deduplicated_bytes, "checkpoints": stats.checkpoints, "waits": stats.waits})
+    results.put(dataclasses.asdict(uploader.stats))
 
 
 def _uploads_apart(cfg, run_id: str, run_dir: Path):
@@ -247,7 +246,7 @@ def train(a: dict) -> dict:
         complete = [c for c in scan(client, run_id) if c.manifest is not None]
         sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
                  for p in out_dir.glob("checkpoint-*") if p.is_dir()]
-        stats = uploader.stats.__dict__ if uploader else apart.stats
+        stats = dataclasses.asdict(uploader.stats) if uploader else apart.stats  # one shape, the child's too
         result.update(run_id=run_id, manifests=len(complete), final_wait_s=round(stats["final_wait_s"], 3),
                       uploaded_bytes=stats["uploaded_bytes"],
                       deduplicated_bytes=stats["deduplicated_bytes"], folder_bytes=sum(sizes),
