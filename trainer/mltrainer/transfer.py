@@ -45,8 +45,8 @@ MAX_PARTS = 10_000  # S3's limit on parts of one multipart upload
 READ_SIZE = 256 * 1024
 # Blocks of a proxied upload's body. urllib3 reads a file body 16 KiB at a time, and each block
 # takes the GIL back twice (the read, the send). A trainer uploads beside its training thread,
-# which holds the GIL most of the time: a 512 MB upload ran at 31-57 MB/s with a busy thread in
-# the process (184-193 idle), at 106-126 MB/s with 1-4 MiB blocks (bench/README.md).
+# which holds the GIL most of the time: beside a busy thread, a 512 MB upload ran at 54 MB/s with
+# 16 KiB blocks and 121 MB/s with these (idle: 177 and 179; bench/README.md, eighth round).
 SEND_SIZE = 4 * MiB
 TIMEOUT = (10, 300)  # connect, read (seconds)
 # Server-side copies (mlstack.patches.artifact_copy): the request header naming the source, and the
