@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 from mlstack import settings as s
 from mlstack.native.processes import Handle, free_port, spawn, stop_tree, tail, wait_until
 from mlstack.patches.idle_ping import IDLE_BEFORE_PING_S
-from mlstack.patches.streaming_upload import PART_SIZE
+from mlstack.patches.streaming_upload import PART_SIZE, PARTS_IN_FLIGHT
 
 from trainer_support import artifact_prefix, read_object
 
@@ -183,7 +183,11 @@ def test_streaming_upload_parts_reach_s3_while_the_body_is_still_arriving(observ
 
 def test_streaming_upload_relays_unsigned_bodies_that_s3_still_checks(native_stack, monkeypatch):
     """The relay's S3 client (in-process, on the session's S3) sends each part as UNSIGNED-PAYLOAD
-    with its CRC-32, the object arrives whole, and a body altered on the way is refused."""
+    with its CRC-32, the object arrives whole, and a body altered on the way is refused.
+
+    The body arrives in chunks that straddle the part boundaries, and has more parts than the
+    relay keeps buffers for, so each buffer is filled again after its part is stored: a buffer
+    reused too early, or a chunk split wrongly, changes the stored bytes."""
     import asyncio
 
     from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
@@ -202,16 +206,20 @@ def test_streaming_upload_relays_unsigned_bodies_that_s3_still_checks(native_sta
 
     def record(request, **_):
         sent.append((request.url, dict(request.headers)))
+        if "partNumber=" in request.url:  # a slow S3, slower for each part: later parts are filled while
+            # earlier ones still wait to be sent, and a buffer given back too early is sent changed
+            time.sleep(0.1 * int(request.url.rsplit("partNumber=", 1)[1].split("&")[0]))
 
     def alter(request, **_):
         if request.url.endswith("/altered.bin"):
             request.body = b"jello"
 
-    data = os.urandom(2 * PART_SIZE + 12345)
+    data = os.urandom((PARTS_IN_FLIGHT + 3) * PART_SIZE + 12345)
+    chunk_size = MiB + 7  # never a divisor of the part size
 
     async def chunks():
-        for i in range(0, len(data), MiB):
-            yield data[i:i + MiB]
+        for i in range(0, len(data), chunk_size):
+            yield data[i:i + chunk_size]
 
     client.meta.events.register("before-send.s3", record)
     client.meta.events.register("before-send.s3", alter)
@@ -225,7 +233,7 @@ def test_streaming_upload_relays_unsigned_bodies_that_s3_still_checks(native_sta
     key = f"relay-check/{os.getpid()}/checkpoint/optimizer.pt"
     assert read_object(native_stack, key) == data
     parts = [headers for url, headers in sent if "partNumber=" in url]
-    assert len(parts) == 3
+    assert len(parts) == PARTS_IN_FLIGHT + 4
     for headers in parts:
         assert headers["X-Amz-Content-SHA256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
         assert "x-amz-checksum-crc32" in {name.lower() for name in headers}  # what S3 checks instead

@@ -91,36 +91,50 @@ def relay_client(repo):
 async def _log_artifact_from_async_stream(self, chunks, artifact_file_name, artifact_path=None) -> None:
     bucket, key, extra = _target(self, artifact_file_name, artifact_path)
     client = relay_client(self)
-    buf = bytearray()
     upload_id = None
     in_flight: list[asyncio.Task] = []
     parts: list[dict] = []
     numbers = iter(range(1, 10_001))  # S3 part numbers
+    # The body is copied once, from each received chunk into a part buffer, and the buffers are
+    # used again once their part is stored. A bytearray goes to the socket in one send and its
+    # CRC-32 is taken in place; bytes would be wrapped in a file object that botocore reads back
+    # 128 KiB at a time, a copy per read, and a new 8 MiB bytes object per part costs its page
+    # faults (bench/README.md, ninth round: the relay's CPU per GB).
+    spare: list[bytearray] = []
+    part, filled = bytearray(PART_SIZE), 0
 
-    async def send(data: bytes, number: int) -> None:
-        resp = await asyncio.to_thread(client.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
-                                       PartNumber=number, Body=data)
+    async def send(data: bytearray, number: int) -> None:
+        try:
+            resp = await asyncio.to_thread(client.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
+                                           PartNumber=number, Body=data)
+        finally:
+            spare.append(data)  # stored or failed: either way no longer read
         parts.append({"PartNumber": number, "ETag": resp["ETag"]})
 
     try:
         async for chunk in chunks:
-            buf += chunk
-            while len(buf) >= PART_SIZE:
+            view = memoryview(chunk)
+            while view:
+                taken = min(len(view), PART_SIZE - filled)
+                part[filled:filled + taken] = view[:taken]
+                filled, view = filled + taken, view[taken:]
+                if filled < PART_SIZE:
+                    continue
                 if upload_id is None:
                     upload_id = (await asyncio.to_thread(client.create_multipart_upload, Bucket=bucket, Key=key,
                                                          **extra))["UploadId"]
-                data, buf = bytes(buf[:PART_SIZE]), buf[PART_SIZE:]
-                in_flight.append(asyncio.create_task(send(data, next(numbers))))
+                in_flight.append(asyncio.create_task(send(part, next(numbers))))
                 if len([t for t in in_flight if not t.done()]) >= PARTS_IN_FLIGHT:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 for t in [t for t in in_flight if t.done()]:
                     t.result()
                     in_flight.remove(t)
+                part, filled = (spare.pop() if spare else bytearray(PART_SIZE)), 0
         if upload_id is None:  # smaller than one part: a plain PUT
-            await asyncio.to_thread(client.put_object, Bucket=bucket, Key=key, Body=bytes(buf), **extra)
+            await asyncio.to_thread(client.put_object, Bucket=bucket, Key=key, Body=part[:filled], **extra)
             return
-        if buf:
-            in_flight.append(asyncio.create_task(send(bytes(buf), next(numbers))))
+        if filled:
+            in_flight.append(asyncio.create_task(send(part[:filled], next(numbers))))
         await asyncio.gather(*in_flight)
         await asyncio.to_thread(client.complete_multipart_upload, Bucket=bucket, Key=key, UploadId=upload_id,
                                 MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])})
