@@ -91,7 +91,7 @@ class Bench:
         sampler = RssSampler(self.mlflow_pid) if sample_rss and self.mlflow_pid else None
         if sampler:
             sampler.start()
-        stack_cpu = tree_cpu_seconds(self.stack_pids)
+        service_cpu = {name: tree_cpu_seconds([pid]) for name, pid in self.service_pids.items()}
         proc = subprocess.run([sys.executable, str(HERE / "worker.py"), kind, json.dumps(payload), str(out)],
                               env=env, capture_output=True, text=True)
         if sampler:
@@ -100,8 +100,10 @@ class Bench:
             raise RuntimeError(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads(out.read_text())
         out.unlink()
-        if self.stack_pids:
-            result["stack_cpu_s"] = round(tree_cpu_seconds(self.stack_pids) - stack_cpu, 2)
+        if self.service_pids:
+            result["service_cpu_s"] = {name: round(tree_cpu_seconds([pid]) - service_cpu[name], 2)
+                                       for name, pid in self.service_pids.items()}
+            result["stack_cpu_s"] = round(sum(result["service_cpu_s"].values()), 2)
         if sampler:
             result["server_rss_growth_mib"] = sampler.growth_mib()
         return result
@@ -285,16 +287,23 @@ def case_transfer(b: Bench) -> dict:
     up = {"ours": [], "proxied": [], "boto3": [], "local": []}
     down = {"ours": [], "proxied": [], "boto3": [], "local": []}
     rss_up, rss_down = [], []
+    # CPU-s of each process taking part, per transfer: where a path's CPU goes, which on 2 shared
+    # cores decides its speed, and which varies far less from run to run than the speed does.
+    cpu = {kind: {mode: [] for mode in ("ours", "proxied", "boto3")} for kind in ("upload", "download")}
     uploaded: dict[str, str] = {}  # what this repetition's uploads left for its downloads
 
-    def run(kind: str, payload: dict, *, sample_rss: bool = False) -> dict:
+    def run(kind: str, payload: dict, *, sample_rss: bool = False, mode: str | None = None) -> dict:
         # Every transfer starts with no dirty pages left by the one before: otherwise whichever
         # case runs right after the 1 GB uploads pays for their writeback.
         os.sync()
-        return b.worker(kind, payload, sample_rss=sample_rss)
+        r = b.worker(kind, payload, sample_rss=sample_rss)
+        if mode:
+            cpu["upload" if kind.endswith("upload") else "download"][mode].append(
+                {"client": r["client_cpu_s"], **r.get("service_cpu_s", {})})
+        return r
 
     def up_ours() -> None:
-        r = run("ours-upload", {"src": str(src), "work": str(b.work)})
+        r = run("ours-upload", {"src": str(src), "work": str(b.work)}, mode="ours")
         up["ours"].append(r["seconds"])
         uploaded["run"] = r["run_id"]
         # Where those objects sit in the bucket (the server's artifact root is s3://<bucket>/artifacts),
@@ -304,24 +313,25 @@ def case_transfer(b: Bench) -> dict:
     def up_proxied() -> None:
         # The same client made to send every byte through the server: the path of a stack without
         # S3_PUBLIC_ENDPOINT_URL, and the one whose memory must not grow with the file.
-        r = run("ours-upload", {"src": str(src), "work": str(b.work), "proxied": True}, sample_rss=True)
+        r = run("ours-upload", {"src": str(src), "work": str(b.work), "proxied": True}, sample_rss=True, mode="proxied")
         up["proxied"].append(r["seconds"])
         rss_up.append(r.get("server_rss_growth_mib"))
 
     def up_boto3() -> None:
-        r = run("boto3-upload", {"src": str(src)})
+        r = run("boto3-upload", {"src": str(src)}, mode="boto3")
         up["boto3"].append(r["seconds"])
 
     def down_ours(proxied: bool = False) -> None:
         r = run("ours-download", {"run_id": uploaded["run"], "work": str(b.work), "proxied": proxied},
-                sample_rss=proxied)
+                sample_rss=proxied, mode="proxied" if proxied else "ours")
         assert r["bytes"] == total, r
         down["proxied" if proxied else "ours"].append(r["seconds"])
         if proxied:
             rss_down.append(r.get("server_rss_growth_mib"))
 
     def down_boto3() -> None:
-        r = run("boto3-download", {"prefix": uploaded["ours_prefix"], "skip": ["manifest.json"], "work": str(b.work)})
+        r = run("boto3-download", {"prefix": uploaded["ours_prefix"], "skip": ["manifest.json"], "work": str(b.work)},
+                mode="boto3")
         assert r["bytes"] == total, r
         down["boto3"].append(r["seconds"])
 
@@ -342,12 +352,17 @@ def case_transfer(b: Bench) -> dict:
     def rates(seconds: list[float]) -> dict:
         return summary([total / MB / s for s in seconds], 1)
 
+    def per_gb(samples: list[dict]) -> dict:
+        """Median CPU-s per GB moved, by process (client, and the stack's services the bench knows)."""
+        return {who: summary([x[who] * 1000 * MB / total for x in samples], 2) for who in samples[0]}
+
     result = {"bytes": total, "files": 8}
     for kind, data in (("upload", up), ("download", down)):
         rs = {k: rates(v) for k, v in data.items()}
         result[kind] = {"mb_per_s": rs, "seconds": {k: summary(v) for k, v in data.items()},
                         "ratio_ours_vs_boto3": ratio(rs["ours"], rs["boto3"]) if data["boto3"] else None,
-                        "ratio_proxied_vs_boto3": ratio(rs["proxied"], rs["boto3"]) if data["boto3"] else None}
+                        "ratio_proxied_vs_boto3": ratio(rs["proxied"], rs["boto3"]) if data["boto3"] else None,
+                        "cpu_s_per_gb": {mode: per_gb(samples) for mode, samples in cpu[kind].items() if samples}}
     result["server_rss_growth_mib"] = {"upload": summary(rss_up, 1), "download": summary(rss_down, 1)}
     return result
 
@@ -560,6 +575,15 @@ def table(r: dict) -> str:
             rows.append(("", "  all through the server (proxied), MB/s", fmt(m["proxied"], "", 1), "boto3",
                          rx(x[kind]["ratio_proxied_vs_boto3"], TARGETS["proxied transfer"])))
             rows.append(("", f"  local disk copy (ceiling), MB/s", "", fmt(m["local"], "", 1), ""))
+            if c := x[kind].get("cpu_s_per_gb"):
+                who = [w for w in ("client", "mlflow", "s3") if all(w in c[mode] for mode in c)]
+
+                def cpu_of(mode: str) -> str:
+                    return " / ".join(f"{c[mode][w]['median']:.2f}" for w in who) if mode in c else "n/a"
+
+                title = "CPU-s per GB, " + " / ".join(who)
+                rows.append(("", f"  {title}: direct", cpu_of("ours"), "boto3 " + cpu_of("boto3"), ""))
+                rows.append(("", f"  {title}: proxied", cpu_of("proxied"), "", ""))
         g = x["server_rss_growth_mib"]
         rows.append(("", "server RSS growth up/down (proxied), MiB", f"{fmt(g['upload'], '', 0)} / {fmt(g['download'], '', 0)}",
                      "", f"[target {TARGETS['server rss']}]"))

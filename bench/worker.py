@@ -269,6 +269,19 @@ def train(a: dict) -> dict:
 # -- case 2: checkpoint transfer --------------------------------------------------------------------
 
 
+class Timed:
+    """Wall seconds and this process's CPU seconds (every thread, user + system) over a block: the
+    client's share of a transfer's CPU, next to the server's and S3's that the bench measures."""
+
+    def __enter__(self) -> Timed:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+
 def _proxied_only(a: dict) -> None:
     """MLflow's switches, which RunArtifacts honours too: no presigned S3 URLs, every byte via the server."""
     if a.get("proxied"):
@@ -292,13 +305,12 @@ def ours_upload(a: dict) -> dict:
     run = client.create_run(exp_id, run_name="bench-upload")
     store = RunArtifacts.for_artifact_uri(run.info.artifact_uri)
     snap = snapshot(Path(a["src"]), Path(a["work"]) / f"snap-{os.getpid()}")
-    started = time.perf_counter()
-    uploader = CheckpointUploader(store, CheckpointPolicy())
-    uploader.submit(UploadJob(snap, Path(a["src"]), "checkpoints/step-1", 1, {}))
-    uploader.close(progress=False)
-    seconds = time.perf_counter() - started
+    with Timed() as timed:
+        uploader = CheckpointUploader(store, CheckpointPolicy())
+        uploader.submit(UploadJob(snap, Path(a["src"]), "checkpoints/step-1", 1, {}))
+        uploader.close(progress=False)
     client.set_terminated(run.info.run_id, "FINISHED")
-    return {"seconds": seconds, "run_id": run.info.run_id, "experiment_id": exp_id,
+    return {"seconds": timed.seconds, "client_cpu_s": timed.cpu_s, "run_id": run.info.run_id, "experiment_id": exp_id,
             "artifact_uri": run.info.artifact_uri,
             "uploaded_bytes": uploader.stats.uploaded_bytes}
 
@@ -314,17 +326,16 @@ def ours_download(a: dict) -> dict:
 
     _stop_tqdm()
     client = MlflowClient()
-    started = time.perf_counter()
-    store = RunArtifacts.of_run(client, a["run_id"])
-    (found,) = [c for c in scan(client, a["run_id"], store=store) if c.manifest is not None]
-    dest = Path(a["work"]) / f"dl-ours-{os.getpid()}"
-    problem = download_checkpoint(store, found.manifest, dest)
-    seconds = time.perf_counter() - started
+    with Timed() as timed:
+        store = RunArtifacts.of_run(client, a["run_id"])
+        (found,) = [c for c in scan(client, a["run_id"], store=store) if c.manifest is not None]
+        dest = Path(a["work"]) / f"dl-ours-{os.getpid()}"
+        problem = download_checkpoint(store, found.manifest, dest)
     if problem:
         raise RuntimeError(problem)
     total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     shutil.rmtree(dest, ignore_errors=True)
-    return {"seconds": seconds, "bytes": total}
+    return {"seconds": timed.seconds, "client_cpu_s": timed.cpu_s, "bytes": total}
 
 
 def _s3():
@@ -343,26 +354,25 @@ def boto3_upload(a: dict) -> dict:
     """boto3 upload_file (default TransferConfig: 8 MB parts, 10 threads) of every file, one after the other."""
     s3, src, bucket = _s3(), Path(a["src"]), os.environ["BENCH_S3_BUCKET"]
     prefix = f"bench-direct/{os.getpid()}"
-    started = time.perf_counter()
-    for f in _files(src):
-        s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src).as_posix()}")
-    return {"seconds": time.perf_counter() - started, "prefix": prefix}
+    with Timed() as timed:
+        for f in _files(src):
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src).as_posix()}")
+    return {"seconds": timed.seconds, "client_cpu_s": timed.cpu_s, "prefix": prefix}
 
 
 def boto3_download(a: dict) -> dict:
     s3, bucket, prefix = _s3(), os.environ["BENCH_S3_BUCKET"], a["prefix"].rstrip("/")
     dest = Path(a["work"]) / f"dl-boto3-{os.getpid()}"
-    started = time.perf_counter()
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", []) if o["Key"].rsplit("/", 1)[-1] not in a.get("skip", ())]
-    for key in keys:
-        target = dest / key[len(prefix) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, key, str(target))
-    seconds = time.perf_counter() - started
+    with Timed() as timed:
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+                for o in page.get("Contents", []) if o["Key"].rsplit("/", 1)[-1] not in a.get("skip", ())]
+        for key in keys:
+            target = dest / key[len(prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(target))
     total = sum(f.stat().st_size for f in _files(dest))
     shutil.rmtree(dest, ignore_errors=True)
-    return {"seconds": seconds, "bytes": total}
+    return {"seconds": timed.seconds, "client_cpu_s": timed.cpu_s, "bytes": total}
 
 
 def local_copy(a: dict) -> dict:

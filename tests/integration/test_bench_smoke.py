@@ -51,6 +51,12 @@ def test_bench_smoke_reports_every_case(native_stack, tmp_path):
         for who in ("ours", "boto3", "local"):
             assert transfer[kind]["mb_per_s"][who]["median"] > 0
         assert transfer[kind]["ratio_ours_vs_boto3"] > 0
+        cpu = transfer[kind]["cpu_s_per_gb"]
+        assert cpu["ours"]["client"]["median"] > 0 and cpu["boto3"]["client"]["median"] > 0
+        assert set(cpu["proxied"]) == {"client", "mlflow"}  # an external stack: only the server's process is known
+    # Every byte of a proxied upload crosses the MLflow server, none of boto3's does.
+    cpu_up = transfer["upload"]["cpu_s_per_gb"]
+    assert cpu_up["proxied"]["mlflow"]["median"] > cpu_up["boto3"]["mlflow"]["median"]
     assert transfer["server_rss_growth_mib"]["upload"]["median"] is not None
 
     resume = result["cases"]["resume"]
