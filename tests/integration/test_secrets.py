@@ -155,8 +155,10 @@ def trained(native_stack, planted, tmp_path_factory):
             assert first.poll() is None, log.read_text()[-4000:]
             run_id = log.read_text().split(" trains in ")[0].rsplit("run ", 1)[1].split()[0]
             prefix = artifact_prefix(client, run_id)
-            wait_for(lambda: "checkpoints/step-00000008" in stored_checkpoints(native_stack, prefix)
-                     or first.poll() is not None, timeout=240, what="checkpoint 8 in the store")
+            # Any stored checkpoint will do. One named step could be missed: the tiny model trains
+            # 24 steps in about 2 s, and retention deletes each checkpoint three saves later.
+            wait_for(lambda: stored_checkpoints(native_stack, prefix) or first.poll() is not None, timeout=240,
+                     what="a checkpoint in the store")
         finally:
             if first.poll() is None:
                 interrupt(first)
