@@ -32,7 +32,11 @@ from trainer_support import (
     trainer_env, unique_experiment, wait_for,
 )
 
-STEPS = 24
+# Long enough that the first run is still training when the fixture sees its first stored
+# checkpoint and interrupts it, even on a loaded CI host: the tiny model trains 24 steps in about
+# 1.5 s, and a run that ends first leaves nothing to interrupt. Saves every SAVE_STEPS: 6 of them.
+STEPS = 96
+SAVE_STEPS = 16
 REDACTED = "***REDACTED***"
 
 
@@ -66,6 +70,8 @@ def secrets_config(root: Path, planted: dict[str, str], experiment: str) -> Path
     }
     cfg["training"].update(
         max_steps=STEPS,
+        save_steps=SAVE_STEPS,
+        eval_steps=SAVE_STEPS,
         hub_token=planted["hub_token"],
         # Dict fields TrainingArguments keeps (and pickles) even when the feature is off.
         fsdp_config={"service_password": planted["nested"], "note": planted["env_service"]},
@@ -155,8 +161,8 @@ def trained(native_stack, planted, tmp_path_factory):
             assert first.poll() is None, log.read_text()[-4000:]
             run_id = log.read_text().split(" trains in ")[0].rsplit("run ", 1)[1].split()[0]
             prefix = artifact_prefix(client, run_id)
-            # Any stored checkpoint will do. One named step could be missed: the tiny model trains
-            # 24 steps in about 2 s, and retention deletes each checkpoint three saves later.
+            # Any stored checkpoint will do: retention deletes each one three saves later, so a
+            # poll could miss one named step.
             wait_for(lambda: stored_checkpoints(native_stack, prefix) or first.poll() is not None, timeout=240,
                      what="a checkpoint in the store")
         finally:
