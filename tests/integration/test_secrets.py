@@ -33,8 +33,8 @@ from trainer_support import (
 )
 
 # Long enough that the first run is still training when the fixture sees its first stored
-# checkpoint and interrupts it, even on a loaded CI host: the tiny model trains 24 steps in about
-# 1.5 s, and a run that ends first leaves nothing to interrupt. Saves every SAVE_STEPS: 6 of them.
+# checkpoint: the tiny model trains 24 steps in well under 2 s, and a run that ends first leaves
+# nothing to interrupt. Saves every SAVE_STEPS: 6 of them.
 STEPS = 96
 SAVE_STEPS = 16
 REDACTED = "***REDACTED***"
@@ -133,8 +133,10 @@ def database_rows(stack) -> bytes:
 
 
 def interrupt(proc) -> None:
-    """Ctrl-C: the trainer marks its run KILLED and lets go of it, so a resume may start at once."""
+    """Ctrl-C: the trainer marks its run KILLED and lets go of it, so a resume may start at once.
+    A trainer stopped by the fixture (SIGSTOP) gets the Ctrl-C as it continues."""
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -156,15 +158,16 @@ def trained(native_stack, planted, tmp_path_factory):
         first = subprocess.Popen(cli_command("--config", str(config), "--set", f"output_root={machine_a}"),
                                  cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: " trains in " in log.read_text() or first.poll() is not None, timeout=180,
-                     what="the run to start")
+            # The trainer's own log says when a checkpoint is stored: reading a local file keeps up
+            # with a run of a few seconds, where a loaded CI host's S3 listing did not (the run
+            # ended first, twice). The trainer is then stopped while the store is checked.
+            wait_for(lambda: "stored checkpoint checkpoints/step-" in log.read_text() or first.poll() is not None,
+                     timeout=240, what="a checkpoint stored")
             assert first.poll() is None, log.read_text()[-4000:]
+            first.send_signal(signal.SIGSTOP)
             run_id = log.read_text().split(" trains in ")[0].rsplit("run ", 1)[1].split()[0]
             prefix = artifact_prefix(client, run_id)
-            # Any stored checkpoint will do: retention deletes each one three saves later, so a
-            # poll could miss one named step.
-            wait_for(lambda: stored_checkpoints(native_stack, prefix) or first.poll() is not None, timeout=240,
-                     what="a checkpoint in the store")
+            assert stored_checkpoints(native_stack, prefix)
         finally:
             if first.poll() is None:
                 interrupt(first)
